@@ -1,0 +1,392 @@
+//! The policy file: endpoints, request classes and tier order, parsed from
+//! YAML and validated with errors that name the field and its line.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Onprem,
+    Burst,
+    Fallback,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Onprem => "onprem",
+            Tier::Burst => "burst",
+            Tier::Fallback => "fallback",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKind {
+    Openai,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "default_api")]
+    pub api: ApiKind,
+    pub tier: Tier,
+    pub models: Vec<String>,
+    pub price: Price,
+    /// Concurrent requests; 0 when unknown.
+    #[serde(default)]
+    pub capacity: u32,
+}
+
+fn default_api() -> ApiKind {
+    ApiKind::Openai
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Class {
+    pub name: String,
+    /// Tiers this class may use; all of them when absent.
+    #[serde(default)]
+    pub tiers: Option<Vec<Tier>>,
+    #[serde(default = "default_ttft_ms")]
+    pub ttft_timeout_ms: u32,
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u32,
+    /// Static weights by endpoint name. Absent: equal weights over the
+    /// class's first tier (in the policy's tier order) that has endpoints.
+    #[serde(default)]
+    pub weights: Option<BTreeMap<String, f64>>,
+}
+
+fn default_ttft_ms() -> u32 {
+    10_000
+}
+
+fn default_deadline_ms() -> u32 {
+    120_000
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Failover order of the tiers.
+    #[serde(default = "default_tiers")]
+    pub tiers: Vec<Tier>,
+    pub default_class: String,
+    pub endpoints: Vec<Endpoint>,
+    pub classes: Vec<Class>,
+}
+
+fn default_tiers() -> Vec<Tier> {
+    vec![Tier::Onprem, Tier::Burst, Tier::Fallback]
+}
+
+/// A policy error: what is wrong, at which field, on which line (1-based,
+/// when it can be located).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct PolicyError {
+    pub field: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+impl Policy {
+    pub fn parse(src: &str) -> Result<Policy, PolicyError> {
+        let policy: Policy = serde_yaml::from_str(src).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            // serde_yaml prefixes the message with the path ("endpoints[1].tier: ..").
+            let msg = e.to_string();
+            let (field, message) = match msg.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
+                _ => ("policy".to_string(), msg),
+            };
+            let message = match message.rfind(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            PolicyError {
+                field,
+                line,
+                message,
+            }
+        })?;
+        policy.validate().map_err(|(field, message)| PolicyError {
+            line: locate(src, &field),
+            field,
+            message,
+        })?;
+        Ok(policy)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |field: String, msg: String| Err((field, msg));
+        let mut seen = HashSet::new();
+        for t in &self.tiers {
+            if !seen.insert(*t) {
+                return err("tiers".into(), format!("{} is listed twice", t.as_str()));
+            }
+        }
+        if self.endpoints.is_empty() {
+            return err("endpoints".into(), "at least one endpoint is needed".into());
+        }
+        let mut names = HashSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let at = |f: &str| format!("endpoints[{i}].{f}");
+            if e.name.trim().is_empty() {
+                return err(at("name"), "must not be empty".into());
+            }
+            if !names.insert(e.name.as_str()) {
+                return err(
+                    at("name"),
+                    format!("{:?} is used by another endpoint", e.name),
+                );
+            }
+            if let Err(m) = check_url(&e.url) {
+                return err(at("url"), m);
+            }
+            if !self.tiers.contains(&e.tier) {
+                return err(
+                    at("tier"),
+                    format!("{} is not in the policy's tiers", e.tier.as_str()),
+                );
+            }
+            if e.models.is_empty() || e.models.iter().any(|m| m.trim().is_empty()) {
+                return err(
+                    at("models"),
+                    "must list at least one non-empty model".into(),
+                );
+            }
+            for (f, v) in [
+                ("price.input_per_mtok", e.price.input_per_mtok),
+                ("price.output_per_mtok", e.price.output_per_mtok),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return err(at(f), format!("must be a non-negative number, got {v}"));
+                }
+            }
+        }
+        let mut classes = HashSet::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            let at = |f: &str| format!("classes[{i}].{f}");
+            if !classes.insert(c.name.as_str()) {
+                return err(at("name"), format!("{:?} is used by another class", c.name));
+            }
+            if c.ttft_timeout_ms == 0 || c.deadline_ms == 0 {
+                return err(at("deadline_ms"), "timeouts must be positive".into());
+            }
+            if c.ttft_timeout_ms > c.deadline_ms {
+                return err(
+                    at("ttft_timeout_ms"),
+                    format!(
+                        "{} ms is longer than the deadline ({} ms)",
+                        c.ttft_timeout_ms, c.deadline_ms
+                    ),
+                );
+            }
+            if let Some(tiers) = &c.tiers {
+                if let Some(t) = tiers.iter().find(|t| !self.tiers.contains(t)) {
+                    return err(
+                        at("tiers"),
+                        format!("{} is not in the policy's tiers", t.as_str()),
+                    );
+                }
+            }
+            if let Some(w) = &c.weights {
+                for (name, v) in w {
+                    let field = format!("classes[{i}].weights.{name}");
+                    let Some(e) = self.endpoints.iter().find(|e| &e.name == name) else {
+                        return err(field, format!("no endpoint is named {name:?}"));
+                    };
+                    if !c.allows(e.tier) {
+                        return err(
+                            field,
+                            format!("endpoint's tier {} is not allowed", e.tier.as_str()),
+                        );
+                    }
+                    if !v.is_finite() || *v < 0.0 {
+                        return err(field, format!("must be a non-negative number, got {v}"));
+                    }
+                }
+                if w.values().all(|v| *v == 0.0) {
+                    return err(at("weights"), "at least one weight must be positive".into());
+                }
+            }
+        }
+        if !classes.contains(self.default_class.as_str()) {
+            return err(
+                "default_class".into(),
+                format!("no class is named {:?}", self.default_class),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Class {
+    pub fn allows(&self, tier: Tier) -> bool {
+        self.tiers.as_ref().is_none_or(|t| t.contains(&tier))
+    }
+}
+
+fn check_url(raw: &str) -> Result<(), String> {
+    let u = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!("scheme must be http or https, got {}", u.scheme()));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// Finds the line of a dotted field path (`classes[1].weights.a`) in
+/// block-style YAML by walking keys and list items by indentation. Returns
+/// the deepest line it could reach; `None` only when not even the top key
+/// is found.
+pub fn locate(src: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = src.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let meaningful = |l: &str| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    // The block being searched: [start, end) lines and the minimum indent.
+    let (mut start, mut end, mut min_indent) = (0usize, lines.len(), 0usize);
+    let mut found = None;
+    for seg in path.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let key_line = (start..end).find(|&i| {
+            let l = lines[i];
+            meaningful(l) && indent(l) >= min_indent && {
+                let t = l.trim_start().trim_start_matches("- ");
+                t.starts_with(&format!("{key}:"))
+            }
+        })?;
+        found = Some(key_line + 1);
+        let key_indent = indent(lines[key_line]);
+        let block_end = (key_line + 1..end)
+            .find(|&i| meaningful(lines[i]) && indent(lines[i]) <= key_indent)
+            .unwrap_or(end);
+        start = key_line + 1;
+        end = block_end;
+        min_indent = key_indent + 1;
+        if let Some(n) = index {
+            let items: Vec<usize> = (start..end)
+                .filter(|&i| lines[i].trim_start().starts_with("- "))
+                .collect();
+            let Some(&first) = items.first() else {
+                return found;
+            };
+            let item_indent = indent(lines[first]);
+            let items: Vec<usize> = items
+                .into_iter()
+                .filter(|&i| indent(lines[i]) == item_indent)
+                .collect();
+            let Some(&item) = items.get(n) else {
+                return found;
+            };
+            found = Some(item + 1);
+            let item_end = items.get(n + 1).copied().unwrap_or(end);
+            start = item;
+            end = item_end;
+            min_indent = item_indent;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+default_class: standard
+endpoints:
+  - name: a
+    url: http://127.0.0.1:9001
+    tier: onprem
+    models: [m]
+    price: { input_per_mtok: 0.1, output_per_mtok: 0.2 }
+  - name: b
+    url: http://127.0.0.1:9002
+    tier: burst
+    models: [m]
+    price: { input_per_mtok: 1.0, output_per_mtok: 2.0 }
+classes:
+  - name: standard
+    weights:
+      a: 1
+      b: 0
+";
+
+    #[test]
+    fn a_good_policy_parses() {
+        let p = Policy::parse(GOOD).expect("valid");
+        assert_eq!(p.endpoints.len(), 2);
+        assert_eq!(p.classes[0].deadline_ms, 120_000);
+    }
+
+    #[test]
+    fn type_errors_name_field_and_line() {
+        let bad = GOOD.replace("tier: burst", "tier: orbit");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.field, "endpoints[1].tier");
+        assert_eq!(e.line, Some(10));
+    }
+
+    #[test]
+    fn semantic_errors_name_field_and_line() {
+        let bad = GOOD.replace("b: 0", "c: 0");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.field, "classes[0].weights.c");
+        assert_eq!(e.line, Some(17));
+        assert!(e.message.contains("no endpoint"), "{e}");
+
+        let bad = GOOD.replace("http://127.0.0.1:9002", "ftp://x");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("endpoints[1].url", Some(9)));
+
+        let bad = GOOD.replace("name: b", "name: a");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("endpoints[1].name", Some(8)));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = GOOD.replace("    tier: onprem", "    tier: onprem\n    colour: red");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.field, "endpoints[0]");
+        assert!(e.message.contains("colour"), "{e}");
+        assert_eq!(e.line, Some(6));
+    }
+}

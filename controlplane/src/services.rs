@@ -1,0 +1,137 @@
+//! The gRPC services: table discovery (the Watch stream), telemetry intake
+//! and admin status. Stream semantics are those written in the `.proto` files.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::watch_request::Kind;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::publish::Published;
+use crate::registry::Registry;
+
+#[derive(Clone)]
+pub struct State {
+    pub tables: watch::Receiver<Arc<Published>>,
+    pub registry: Arc<Registry>,
+}
+
+pub struct Discovery(pub State);
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::TableUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::routing_discovery_server::RoutingDiscovery for Discovery {
+    type WatchStream = UpdateStream;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::WatchRequest {
+                kind: Some(Kind::Hello(h)),
+            }) if !h.sidecar_id.is_empty() => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on Watch must be a hello with a sidecar_id",
+                ))
+            }
+        };
+        let id = hello.sidecar_id;
+        tracing::info!(sidecar = %id, applied = hello.applied_version, "sidecar watching");
+        let registry = self.0.registry.clone();
+        registry.stream_opened(&id);
+        let mut tables = self.0.tables.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let first = tables.borrow_and_update().update.clone();
+            if tx.send(Ok(first)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        changed = tables.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            let update = tables.borrow_and_update().update.clone();
+                            if tx.send(Ok(update)).await.is_err() {
+                                break;
+                            }
+                        }
+                        msg = inbound.message() => match msg {
+                            Ok(Some(pb::WatchRequest { kind: Some(Kind::Ack(a)) })) => {
+                                tracing::debug!(sidecar = %id, version = a.version, "ack");
+                                registry.ack(&id, a.version);
+                            }
+                            Ok(Some(pb::WatchRequest { kind: Some(Kind::Nack(n)) })) => {
+                                tracing::warn!(sidecar = %id, version = n.version, reason = %n.reason, "sidecar refused a table");
+                                registry.nack(&id, n.version, n.reason);
+                            }
+                            Ok(Some(_)) => {
+                                tracing::warn!(sidecar = %id, "unexpected message on Watch; ignored");
+                            }
+                            Ok(None) | Err(_) => break,
+                        },
+                    }
+                }
+            }
+            tracing::info!(sidecar = %id, "sidecar stream closed");
+            registry.stream_closed(&id);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub struct Telemetry(pub State);
+
+#[tonic::async_trait]
+impl pb::telemetry_server::Telemetry for Telemetry {
+    async fn report(
+        &self,
+        req: Request<Streaming<pb::TelemetryReport>>,
+    ) -> Result<Response<pb::ReportSummary>, Status> {
+        let mut inbound = req.into_inner();
+        let mut reports = 0;
+        while let Some(r) = inbound.message().await? {
+            self.0.registry.report(&r);
+            reports += 1;
+        }
+        Ok(Response::new(pb::ReportSummary { reports }))
+    }
+}
+
+pub struct Admin(pub State);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Admin {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let published = self.0.tables.borrow().clone();
+        let endpoints = published
+            .policy
+            .endpoints
+            .iter()
+            .map(|e| {
+                let (requests, errors) = self.0.registry.endpoint_totals(&e.name);
+                pb::EndpointStatus {
+                    name: e.name.clone(),
+                    tier: e.tier.as_str().to_string(),
+                    requests,
+                    errors,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            table_version: published.update.table.as_ref().map_or(0, |t| t.version),
+            sidecars: self.0.registry.sidecars(),
+            endpoints,
+        }))
+    }
+}

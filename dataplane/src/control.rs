@@ -1,0 +1,221 @@
+//! The sidecar's side of the control plane: watches for tables (applying,
+//! ACKing or NACKing each), and streams telemetry. Runs on its own thread and
+//! runtime, so the proxy never waits on the control plane; when the control
+//! plane is away the proxy keeps routing on its last good table and this
+//! side reconnects with capped, jittered exponential backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::watch_request::Kind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::table::{self, Table};
+use crate::usage::Usage;
+
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Capped exponential backoff with jitter, reset after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay for a jitter draw `u` in `[0, 1)`: between half and
+    /// all of `base * 2^attempt`, capped.
+    pub fn next(&mut self, u: f64) -> Duration {
+        let exp = self.base.saturating_mul(1 << self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        exp.min(self.cap).mul_f64(0.5 + 0.5 * u.clamp(0.0, 1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("invalid control plane address: {0}")]
+    Address(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+pub struct ControlClient {
+    pub address: String,
+    pub sidecar_id: String,
+    pub tables: Arc<ArcSwapOption<Table>>,
+    pub usage: Arc<Usage>,
+}
+
+impl ControlClient {
+    /// Starts the client on a thread of its own.
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("switchyard-control".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("control runtime");
+                let this = Arc::new(self);
+                rt.block_on(async move {
+                    let telemetry = tokio::spawn(this.clone().report_loop());
+                    this.watch_loop().await;
+                    telemetry.abort();
+                });
+            })
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, StreamError> {
+        Endpoint::from_shared(format!("http://{}", self.address))
+            .map(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+            })
+            .map_err(|e| StreamError::Address(e.to_string()))
+    }
+
+    async fn watch_loop(&self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let err = self.watch_once(&mut backoff).await;
+            let delay = backoff.next(fastrand::f64());
+            let version = self.tables.load().as_ref().map_or(0, |t| t.version);
+            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, routing_on = version,
+                "control plane unavailable; routing on the last good table");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn watch_once(&self, backoff: &mut Backoff) -> StreamError {
+        match self.watch_stream(backoff).await {
+            Ok(()) => StreamError::Closed,
+            Err(e) => e,
+        }
+    }
+
+    async fn watch_stream(&self, backoff: &mut Backoff) -> Result<(), StreamError> {
+        let channel: Channel = self.endpoint()?.connect().await?;
+        let mut client = pb::routing_discovery_client::RoutingDiscoveryClient::new(channel);
+        let (tx, rx) = mpsc::channel(8);
+        let applied = self.tables.load().as_ref().map_or(0, |t| t.version);
+        let hello = pb::WatchRequest {
+            kind: Some(Kind::Hello(pb::Hello {
+                sidecar_id: self.sidecar_id.clone(),
+                applied_version: applied,
+            })),
+        };
+        tx.send(hello).await.map_err(|_| StreamError::Closed)?;
+        let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        while let Some(update) = updates.message().await? {
+            backoff.reset();
+            let version = update.table.as_ref().map_or(0, |t| t.version);
+            let reply = match self.apply(&update).await {
+                Ok(()) => {
+                    tracing::info!(version, "routing table applied");
+                    Kind::Ack(pb::Ack {
+                        version,
+                        nonce: update.nonce,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(version, reason = %e, "routing table refused; keeping the last good one");
+                    Kind::Nack(pb::Nack {
+                        version,
+                        nonce: update.nonce,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            tx.send(pb::WatchRequest { kind: Some(reply) })
+                .await
+                .map_err(|_| StreamError::Closed)?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, update: &pb::TableUpdate) -> Result<(), table::TableError> {
+        let t = update.table.as_ref().ok_or(table::TableError::Missing)?;
+        let addrs = table::resolve(t).await?;
+        let compiled = Table::compile(t, &addrs)?;
+        self.tables.store(Some(Arc::new(compiled)));
+        Ok(())
+    }
+
+    async fn report_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            if let Err(e) = self.report_stream(&mut backoff).await {
+                tracing::debug!(error = %e, "telemetry stream ended");
+            }
+            tokio::time::sleep(backoff.next(fastrand::f64())).await;
+        }
+    }
+
+    async fn report_stream(&self, backoff: &mut Backoff) -> Result<(), StreamError> {
+        let channel: Channel = self.endpoint()?.connect().await?;
+        let mut client = pb::telemetry_client::TelemetryClient::new(channel);
+        let (tx, rx) = mpsc::channel(4);
+        let call = tokio::spawn(async move { client.report(ReceiverStream::new(rx)).await });
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let report = pb::TelemetryReport {
+                sidecar_id: self.sidecar_id.clone(),
+                table_version: self.tables.load().as_ref().map_or(0, |t| t.version),
+                window_ms: REPORT_EVERY.as_millis() as u32,
+                endpoints: self.usage.take_report(),
+            };
+            if tx.send(report).await.is_err() {
+                break;
+            }
+            backoff.reset();
+        }
+        match call.await {
+            Ok(Ok(_)) | Err(_) => Err(StreamError::Closed),
+            Ok(Err(status)) => Err(status.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(b.next(0.999_999).as_millis(), 99);
+        assert_eq!(b.next(0.0), Duration::from_millis(100));
+        assert_eq!(b.next(0.0), Duration::from_millis(200));
+        for _ in 0..50 {
+            assert!(b.next(1.0) <= Duration::from_secs(1));
+        }
+        b.reset();
+        assert!(b.next(1.0) <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,149 @@
+//! One attempt at one endpoint: send the request through pingora's pooled
+//! connector and wait for the response header and the first body chunk.
+//!
+//! The sidecar owns the upstream exchange rather than handing it to
+//! pingora's proxy phase because pingora replays at most 64 KiB of a request
+//! body it has already read (LLM prompts are often larger), and because an
+//! attempt must only count as answered once its first token arrived: until
+//! then a failure can still move to another endpoint without the app seeing
+//! anything.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::ErrorType;
+use tokio::time::{timeout_at, Instant};
+
+use crate::table::Endpoint;
+use crate::usage::ErrorKind;
+
+/// How long an idle upstream connection stays in the pool.
+pub const POOL_IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("connecting: {0}")]
+    Connect(String),
+    #[error("no first token within {0:?}")]
+    Timeout(Duration),
+    /// The exchange broke; `stale` when it ran on a pooled connection the
+    /// upstream had already closed, which is safe to retry.
+    #[error("upstream exchange failed: {reason}")]
+    Broken { reason: String, stale: bool },
+}
+
+impl AttemptError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AttemptError::Connect(_) => ErrorKind::Connect,
+            AttemptError::Timeout(_) => ErrorKind::Timeout,
+            AttemptError::Broken { .. } => ErrorKind::Broken,
+        }
+    }
+}
+
+/// An upstream that answered: its header, and its first body chunk unless
+/// the body was empty.
+pub struct Opened {
+    pub session: HttpSession,
+    pub header: ResponseHeader,
+    pub first: Option<Bytes>,
+    pub ttft: Duration,
+}
+
+fn is_connect(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::BindError
+            | ErrorType::SocketError
+    )
+}
+
+/// Sends `req` with `body` to `ep` and waits for the first body chunk until
+/// `ttft_deadline`.
+pub async fn open(
+    connector: &Connector,
+    ep: &Endpoint,
+    req: Box<RequestHeader>,
+    body: Bytes,
+    started: Instant,
+    ttft_deadline: Instant,
+) -> Result<Opened, AttemptError> {
+    let wait = ttft_deadline.saturating_duration_since(started);
+    let timed_out = || AttemptError::Timeout(wait);
+    let (mut session, reused) = timeout_at(ttft_deadline, connector.get_http_session(&ep.peer))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| AttemptError::Connect(e.to_string()))?;
+    let broken = |e: Box<pingora::Error>| {
+        if is_connect(&e) {
+            AttemptError::Connect(e.to_string())
+        } else {
+            AttemptError::Broken {
+                reason: e.to_string(),
+                stale: reused,
+            }
+        }
+    };
+    let exchange = async {
+        session.write_request_header(req).await.map_err(broken)?;
+        session
+            .write_request_body(body, true)
+            .await
+            .map_err(broken)?;
+        session.finish_request_body().await.map_err(broken)?;
+        session.read_response_header().await.map_err(broken)?;
+        // Past this point the upstream spoke, so a failure is no longer a
+        // stale pooled connection.
+        let first = session
+            .read_response_body()
+            .await
+            .map_err(|e| AttemptError::Broken {
+                reason: e.to_string(),
+                stale: false,
+            })?;
+        Ok::<_, AttemptError>(first)
+    };
+    let first = timeout_at(ttft_deadline, exchange)
+        .await
+        .map_err(|_| timed_out())??;
+    let header = session
+        .response_header()
+        .cloned()
+        .ok_or_else(|| AttemptError::Broken {
+            reason: "no response header".into(),
+            stale: false,
+        })?;
+    Ok(Opened {
+        session,
+        header,
+        first,
+        ttft: started.elapsed(),
+    })
+}
+
+/// Hop-by-hop headers, and the ones the sidecar sets itself, are never
+/// copied between the app's side and the provider's side.
+pub fn is_hop_header(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}

@@ -1,0 +1,81 @@
+//! The Switchyard sidecar: a pingora proxy beside the app that picks an
+//! endpoint per request from a routing table the control plane pushes, and
+//! streams the answer back.
+//!
+//! Modules: `table` (the compiled, immutable routing table), `balance`
+//! (weighted choice), `classify` (reading the request), `forward` (one
+//! upstream attempt), `proxy` (the `ProxyHttp` impl), `control` (the Watch
+//! and telemetry streams), `usage` (what is counted), `reply` (errors in
+//! OpenAI's shape).
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod classify;
+pub mod control;
+pub mod forward;
+pub mod proxy;
+pub mod reply;
+pub mod table;
+pub mod usage;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// Control plane gRPC address, `host:port`.
+    pub control: String,
+    /// Where the app connects, `host:port`.
+    pub listen: String,
+    pub sidecar_id: String,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("starting the control thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
+/// stops at once. Never returns on success.
+pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
+    let usage = Arc::new(usage::Usage::default());
+    control::ControlClient {
+        address: config.control.clone(),
+        sidecar_id: config.sidecar_id.clone(),
+        tables: tables.clone(),
+        usage: usage.clone(),
+    }
+    .spawn()?;
+
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
+    let sidecar = proxy::Sidecar {
+        tables,
+        usage,
+        connector,
+        max_body_bytes: config.max_body_bytes,
+    };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, sidecar);
+    service.add_tcp(&config.listen);
+    server.add_service(service);
+    tracing::info!(listen = %config.listen, control = %config.control, "sidecar starting");
+    server.run_forever()
+}

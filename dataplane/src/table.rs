@@ -1,0 +1,457 @@
+//! The routing table as the sidecar uses it: compiled once from the pushed
+//! protobuf into lookups the hot path reads without allocating, then held
+//! immutable behind `ArcSwap` until the next push replaces it whole.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::upstreams::peer::HttpPeer;
+use serde_json::json;
+use switchyard_proto::v1 as pb;
+
+use crate::balance::WeightedChoice;
+
+/// The request path every endpoint serves chat completions on, after its
+/// URL's own path prefix.
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Gap allowed between two chunks of a streamed answer before the stream is
+/// judged stalled.
+const INTER_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TableError {
+    #[error("the update carries no table")]
+    Missing,
+    #[error("endpoint {name:?}: {reason}")]
+    Endpoint { name: String, reason: String },
+    #[error("class {class:?}: {reason}")]
+    Class { class: String, reason: String },
+    #[error("default class {0:?} is not defined")]
+    DefaultClass(String),
+}
+
+fn endpoint_err(name: &str, reason: impl Into<String>) -> TableError {
+    TableError::Endpoint {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn class_err(class: &str, reason: impl Into<String>) -> TableError {
+    TableError::Class {
+        class: class.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub name: Arc<str>,
+    pub tier: &'static str,
+    pub peer: HttpPeer,
+    /// `Host` header value sent upstream.
+    pub authority: String,
+    /// Path the chat completion request is sent to.
+    pub chat_path: String,
+    pub price_input_per_mtok: f64,
+    pub price_output_per_mtok: f64,
+}
+
+/// Where one class sends requests for one model.
+#[derive(Debug)]
+pub struct Route {
+    /// Weighted first choice; `None` when the class gives no weight to any
+    /// endpoint serving the model, in which case the fallback chain leads.
+    pub choice: Option<WeightedChoice>,
+    /// Endpoints serving the model that the class may use, in failover order.
+    pub fallback: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Class {
+    pub name: Arc<str>,
+    pub ttft_timeout: Duration,
+    pub inter_token_timeout: Duration,
+    pub deadline: Duration,
+    by_model: HashMap<String, Route>,
+}
+
+#[derive(Debug)]
+pub struct Table {
+    pub version: u64,
+    pub endpoints: Vec<Endpoint>,
+    classes: HashMap<String, Class>,
+    default_class: String,
+    models: BTreeSet<String>,
+    /// `/v1/models` answer, rendered once per table.
+    pub models_json: Bytes,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteError<'a> {
+    UnknownClass(&'a str),
+    /// No endpoint in the table serves the model.
+    UnknownModel,
+    /// Endpoints serve the model, but the class may use none of them.
+    NoRoute,
+}
+
+/// Splits an endpoint URL into what resolution and the request need.
+/// Returns (host, port, path prefix without trailing slash, authority).
+pub fn parse_url(raw: &str) -> Result<(String, u16, String, String), String> {
+    let u = url::Url::parse(raw).map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
+    match u.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(
+                "https endpoints need TLS, which this sidecar build does not include".into(),
+            )
+        }
+        s => return Err(format!("unsupported URL scheme {s:?}")),
+    }
+    let host = u
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("URL {raw:?} has no host"))?
+        .to_string();
+    let port = u
+        .port_or_known_default()
+        .ok_or_else(|| format!("URL {raw:?} has no port"))?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(format!("URL {raw:?} must not have a query or fragment"));
+    }
+    let prefix = u.path().trim_end_matches('/').to_string();
+    let authority = match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    Ok((host, port, prefix, authority))
+}
+
+/// Resolves every endpoint's host. Runs on the control thread, never on the
+/// request path, so requests never wait for DNS.
+pub async fn resolve(table: &pb::RoutingTable) -> Result<HashMap<String, SocketAddr>, TableError> {
+    let mut out = HashMap::with_capacity(table.endpoints.len());
+    for e in &table.endpoints {
+        let (host, port, _, _) = parse_url(&e.url).map_err(|r| endpoint_err(&e.name, r))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|err| endpoint_err(&e.name, format!("cannot resolve {host}: {err}")))?
+            .next()
+            .ok_or_else(|| endpoint_err(&e.name, format!("{host} resolves to no address")))?;
+        out.insert(e.name.clone(), addr);
+    }
+    Ok(out)
+}
+
+impl Table {
+    /// Checks and compiles a pushed table. Pure given the resolved addresses;
+    /// any error becomes the NACK's reason.
+    pub fn compile(
+        t: &pb::RoutingTable,
+        addrs: &HashMap<String, SocketAddr>,
+    ) -> Result<Table, TableError> {
+        let mut endpoints = Vec::with_capacity(t.endpoints.len());
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut models = BTreeSet::new();
+        for e in &t.endpoints {
+            if e.name.is_empty() {
+                return Err(endpoint_err(&e.name, "has no name"));
+            }
+            if index.insert(&e.name, endpoints.len()).is_some() {
+                return Err(endpoint_err(&e.name, "is defined twice"));
+            }
+            let (_, _, prefix, authority) =
+                parse_url(&e.url).map_err(|r| endpoint_err(&e.name, r))?;
+            let addr = *addrs
+                .get(&e.name)
+                .ok_or_else(|| endpoint_err(&e.name, "address not resolved"))?;
+            if e.models.is_empty() {
+                return Err(endpoint_err(&e.name, "serves no model"));
+            }
+            for p in [e.price_input_per_mtok, e.price_output_per_mtok] {
+                if !p.is_finite() || p < 0.0 {
+                    return Err(endpoint_err(&e.name, format!("invalid price {p}")));
+                }
+            }
+            let tier = match pb::Tier::try_from(e.tier) {
+                Ok(pb::Tier::Onprem) => "onprem",
+                Ok(pb::Tier::Burst) => "burst",
+                Ok(pb::Tier::Fallback) => "fallback",
+                _ => return Err(endpoint_err(&e.name, format!("unknown tier {}", e.tier))),
+            };
+            if pb::ApiKind::try_from(e.api) != Ok(pb::ApiKind::Openai) {
+                return Err(endpoint_err(
+                    &e.name,
+                    format!("unsupported API kind {}", e.api),
+                ));
+            }
+            models.extend(e.models.iter().cloned());
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+            endpoints.push(Endpoint {
+                name: Arc::from(e.name.as_str()),
+                tier,
+                peer,
+                authority,
+                chat_path: format!("{prefix}{CHAT_PATH}"),
+                price_input_per_mtok: e.price_input_per_mtok,
+                price_output_per_mtok: e.price_output_per_mtok,
+            });
+        }
+
+        let mut classes = HashMap::with_capacity(t.classes.len());
+        for c in &t.classes {
+            if classes.contains_key(&c.name) {
+                return Err(class_err(&c.name, "is defined twice"));
+            }
+            let lookup = |name: &str| {
+                index
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| class_err(&c.name, format!("unknown endpoint {name:?}")))
+            };
+            let mut weights = Vec::with_capacity(c.routes.len());
+            for r in &c.routes {
+                if !r.weight.is_finite() || r.weight < 0.0 {
+                    return Err(class_err(
+                        &c.name,
+                        format!("invalid weight {} for {:?}", r.weight, r.endpoint),
+                    ));
+                }
+                weights.push((lookup(&r.endpoint)?, r.weight));
+            }
+            let mut chain = Vec::with_capacity(c.fallback.len());
+            for name in &c.fallback {
+                chain.push(lookup(name)?);
+            }
+            // A weighted endpoint missing from the chain still gets a place
+            // in it, so failover can reach every endpoint the class routes to.
+            for (i, _) in &weights {
+                if !chain.contains(i) {
+                    chain.push(*i);
+                }
+            }
+            let serves = |i: usize, m: &str| t.endpoints[i].models.iter().any(|x| x == m);
+            let by_model = models
+                .iter()
+                .map(|m| {
+                    let choice =
+                        WeightedChoice::new(weights.iter().copied().filter(|(i, _)| serves(*i, m)));
+                    let fallback = chain.iter().copied().filter(|i| serves(*i, m)).collect();
+                    (m.clone(), Route { choice, fallback })
+                })
+                .collect();
+            let ms = |v: u32, default: Duration| {
+                if v == 0 {
+                    default
+                } else {
+                    Duration::from_millis(v.into())
+                }
+            };
+            let deadline = ms(c.deadline_ms, Duration::from_secs(120));
+            classes.insert(
+                c.name.clone(),
+                Class {
+                    name: Arc::from(c.name.as_str()),
+                    ttft_timeout: ms(c.ttft_timeout_ms, Duration::from_secs(10)).min(deadline),
+                    inter_token_timeout: INTER_TOKEN_TIMEOUT.min(deadline),
+                    deadline,
+                    by_model,
+                },
+            );
+        }
+        if !classes.contains_key(&t.default_class) {
+            return Err(TableError::DefaultClass(t.default_class.clone()));
+        }
+        let data: Vec<_> = models
+            .iter()
+            .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "switchyard"}))
+            .collect();
+        let models_json = Bytes::from(json!({"object": "list", "data": data}).to_string());
+        Ok(Table {
+            version: t.version,
+            endpoints,
+            classes,
+            default_class: t.default_class.clone(),
+            models,
+            models_json,
+        })
+    }
+
+    /// The class (the named one, else the default) and its route for a model.
+    pub fn route<'a>(
+        &self,
+        class: Option<&'a str>,
+        model: &str,
+    ) -> Result<(&Class, &Route), RouteError<'a>> {
+        let c = match class {
+            Some(name) => self
+                .classes
+                .get(name)
+                .ok_or(RouteError::UnknownClass(name))?,
+            None => &self.classes[&self.default_class],
+        };
+        if !self.models.contains(model) {
+            return Err(RouteError::UnknownModel);
+        }
+        match c.by_model.get(model) {
+            Some(r) if r.choice.is_some() || !r.fallback.is_empty() => Ok((c, r)),
+            _ => Err(RouteError::NoRoute),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(name: &str, port: u16, tier: pb::Tier, models: &[&str]) -> pb::Endpoint {
+        pb::Endpoint {
+            name: name.into(),
+            url: format!("http://127.0.0.1:{port}/prefix/"),
+            api: pb::ApiKind::Openai as i32,
+            tier: tier as i32,
+            models: models.iter().map(|m| m.to_string()).collect(),
+            price_input_per_mtok: 1.0,
+            price_output_per_mtok: 2.0,
+            capacity: 0,
+        }
+    }
+
+    fn table() -> pb::RoutingTable {
+        pb::RoutingTable {
+            version: 3,
+            endpoints: vec![
+                ep("a", 1, pb::Tier::Onprem, &["m1"]),
+                ep("b", 2, pb::Tier::Burst, &["m1", "m2"]),
+                ep("c", 3, pb::Tier::Fallback, &["m3"]),
+            ],
+            classes: vec![
+                pb::RequestClass {
+                    name: "std".into(),
+                    routes: vec![
+                        pb::Route {
+                            endpoint: "a".into(),
+                            weight: 1.0,
+                        },
+                        pb::Route {
+                            endpoint: "b".into(),
+                            weight: 0.0,
+                        },
+                    ],
+                    fallback: vec!["a".into(), "b".into()],
+                    ttft_timeout_ms: 0,
+                    deadline_ms: 5000,
+                },
+                pb::RequestClass {
+                    name: "onprem-only".into(),
+                    routes: vec![pb::Route {
+                        endpoint: "a".into(),
+                        weight: 1.0,
+                    }],
+                    fallback: vec!["a".into()],
+                    ttft_timeout_ms: 100,
+                    deadline_ms: 1000,
+                },
+            ],
+            default_class: "std".into(),
+        }
+    }
+
+    fn addrs(t: &pb::RoutingTable) -> HashMap<String, SocketAddr> {
+        t.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    e.name.clone(),
+                    SocketAddr::from(([127, 0, 0, 1], i as u16 + 1)),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routes_by_class_and_model() {
+        let t = table();
+        let c = Table::compile(&t, &addrs(&t)).unwrap();
+        assert_eq!(c.endpoints[0].chat_path, "/prefix/v1/chat/completions");
+        assert_eq!(c.endpoints[0].authority, "127.0.0.1:1");
+        let (class, r) = c.route(None, "m1").unwrap();
+        assert_eq!(&*class.name, "std");
+        assert_eq!(class.ttft_timeout, Duration::from_secs(5));
+        assert_eq!(r.choice.as_ref().unwrap().endpoints(), [0]);
+        assert_eq!(r.fallback, [0, 1]);
+        // m2 is only on b, which has weight 0: the chain leads.
+        let (_, r) = c.route(None, "m2").unwrap();
+        assert!(r.choice.is_none());
+        assert_eq!(r.fallback, [1]);
+        assert_eq!(
+            c.route(Some("onprem-only"), "m2").unwrap_err(),
+            RouteError::NoRoute
+        );
+        assert_eq!(c.route(None, "m3").unwrap_err(), RouteError::NoRoute);
+        assert_eq!(c.route(None, "zzz").unwrap_err(), RouteError::UnknownModel);
+        assert_eq!(
+            c.route(Some("x"), "m1").unwrap_err(),
+            RouteError::UnknownClass("x")
+        );
+        let models: serde_json::Value = serde_json::from_slice(&c.models_json).unwrap();
+        assert_eq!(models["data"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_apply() {
+        let mut t = table();
+        t.endpoints[1].url = "ht!tp://nope".into();
+        let e = Table::compile(&t, &addrs(&t)).unwrap_err();
+        assert!(
+            matches!(&e, TableError::Endpoint { name, .. } if name == "b"),
+            "{e}"
+        );
+
+        let mut t = table();
+        t.classes[0].routes[0].weight = f64::NAN;
+        assert!(matches!(
+            Table::compile(&t, &addrs(&t)),
+            Err(TableError::Class { .. })
+        ));
+
+        let mut t = table();
+        t.classes[0].fallback.push("ghost".into());
+        let e = Table::compile(&t, &addrs(&t)).unwrap_err();
+        assert!(e.to_string().contains("ghost"), "{e}");
+
+        let mut t = table();
+        t.default_class = "none".into();
+        assert!(matches!(
+            Table::compile(&t, &addrs(&t)),
+            Err(TableError::DefaultClass(_))
+        ));
+
+        let mut t = table();
+        t.endpoints[2].name = "a".into();
+        assert!(Table::compile(&t, &addrs(&t)).is_err());
+    }
+
+    #[test]
+    fn urls_split_into_address_and_path() {
+        let (h, p, prefix, auth) = parse_url("http://[::1]:8080/openai/").unwrap();
+        assert_eq!(
+            (h.as_str(), p, prefix.as_str(), auth.as_str()),
+            ("[::1]", 8080, "/openai", "[::1]:8080")
+        );
+        let (_, p, prefix, auth) = parse_url("http://example.com").unwrap();
+        assert_eq!((p, prefix.as_str(), auth.as_str()), (80, "", "example.com"));
+        assert!(parse_url("https://example.com").is_err());
+        assert!(parse_url("ftp://example.com").is_err());
+        assert!(parse_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! What the sidecar counts per endpoint: requests, errors by kind, time to
+//! first token and total latency (hdrhistogram, microseconds). Counted in
+//! windows that the telemetry reporter takes whole, so each report covers
+//! only its own interval.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use switchyard_proto::v1 as pb;
+
+/// Why an attempt failed; the kinds the control plane weighs differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    Status5xx,
+    Status429,
+    /// The upstream broke the exchange after it began (reset, malformed).
+    Broken,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub error: Option<ErrorKind>,
+    pub ttft: Option<Duration>,
+    pub latency: Duration,
+}
+
+struct Window {
+    requests: u64,
+    errors: [u64; 5],
+    ttft: Histogram<u64>,
+    latency: Histogram<u64>,
+}
+
+/// Microseconds, 1 µs to 10 minutes, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds")
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            requests: 0,
+            errors: [0; 5],
+            ttft: histogram(),
+            latency: histogram(),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).clamp(1, 600_000_000)
+}
+
+/// Counters per endpoint name. One short lock per finished attempt; the
+/// windows are swapped out, not copied, when reported.
+#[derive(Default)]
+pub struct Usage {
+    windows: Mutex<HashMap<Arc<str>, Window>>,
+    in_flight: Mutex<HashMap<Arc<str>, Arc<AtomicU32>>>,
+}
+
+/// Holds one in-flight slot for an endpoint until dropped.
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Usage {
+    pub fn start(&self, endpoint: &Arc<str>) -> InFlight {
+        let mut m = self.in_flight.lock().expect("usage lock");
+        let gauge = match m.get(endpoint) {
+            Some(g) => g.clone(),
+            None => m.entry(endpoint.clone()).or_default().clone(),
+        };
+        gauge.fetch_add(1, Ordering::Relaxed);
+        InFlight(gauge)
+    }
+
+    pub fn record(&self, endpoint: &Arc<str>, o: Outcome) {
+        let mut m = self.windows.lock().expect("usage lock");
+        let w = match m.get_mut(endpoint) {
+            Some(w) => w,
+            None => m.entry(endpoint.clone()).or_insert_with(Window::new),
+        };
+        w.requests += 1;
+        if let Some(e) = o.error {
+            w.errors[e as usize] += 1;
+        }
+        if let Some(t) = o.ttft {
+            let _ = w.ttft.record(micros(t));
+        }
+        let _ = w.latency.record(micros(o.latency));
+    }
+
+    /// Takes the windows counted since the last call, as telemetry.
+    pub fn take_report(&self) -> Vec<pb::EndpointWindow> {
+        let windows = std::mem::take(&mut *self.windows.lock().expect("usage lock"));
+        let in_flight: HashMap<Arc<str>, u32> = self
+            .in_flight
+            .lock()
+            .expect("usage lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect();
+        let mut ser = V2Serializer::new();
+        let mut encode = |h: &Histogram<u64>| {
+            let mut buf = Vec::new();
+            ser.serialize(h, &mut buf).map(|_| buf).unwrap_or_default()
+        };
+        let mut out: Vec<pb::EndpointWindow> = windows
+            .into_iter()
+            .map(|(name, w)| pb::EndpointWindow {
+                in_flight: in_flight.get(&name).copied().unwrap_or(0),
+                endpoint: name.to_string(),
+                requests: w.requests,
+                errors_connect: w.errors[ErrorKind::Connect as usize],
+                errors_timeout: w.errors[ErrorKind::Timeout as usize],
+                errors_5xx: w.errors[ErrorKind::Status5xx as usize],
+                errors_429: w.errors[ErrorKind::Status429 as usize],
+                ttft_histogram: encode(&w.ttft),
+                latency_histogram: encode(&w.latency),
+                ..Default::default()
+            })
+            .collect();
+        out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::serialization::Deserializer;
+
+    #[test]
+    fn windows_are_taken_whole_and_histograms_round_trip() {
+        let u = Usage::default();
+        let a: Arc<str> = Arc::from("a");
+        let slot = u.start(&a);
+        for ms in [10, 20, 30] {
+            u.record(
+                &a,
+                Outcome {
+                    error: None,
+                    ttft: Some(Duration::from_millis(ms / 2)),
+                    latency: Duration::from_millis(ms),
+                },
+            );
+        }
+        u.record(
+            &a,
+            Outcome {
+                error: Some(ErrorKind::Status429),
+                ttft: None,
+                latency: Duration::from_millis(1),
+            },
+        );
+        let r = u.take_report();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].requests, r[0].errors_429, r[0].in_flight), (4, 1, 1));
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut r[0].latency_histogram.as_slice())
+            .unwrap();
+        assert_eq!(h.len(), 4);
+        assert!(h.value_at_quantile(1.0) >= 29_900);
+        drop(slot);
+        assert!(
+            u.take_report().is_empty(),
+            "a taken window is not reported twice"
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! What the mock does with a request: how fast it answers, how long the answer
+//! is, and which fault (if any) it injects. Pure, so the fault draw is testable.
+
+use serde::{Deserialize, Serialize};
+
+/// Run-time knobs; every field can be changed through `POST /admin/config`
+/// with a JSON object holding any subset of them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Behaviour {
+    /// Delay before the response header (non-streamed: before the whole answer).
+    pub ttft_ms: u64,
+    /// Delay between streamed tokens.
+    pub inter_token_ms: u64,
+    /// Tokens in each answer, unless the request's `max_tokens` is smaller.
+    pub output_tokens: u32,
+    /// Share of requests answered with a 500.
+    pub error_500_ratio: f64,
+    /// Share of requests answered with a 429 and `Retry-After`.
+    pub error_429_ratio: f64,
+    pub retry_after_s: u32,
+    /// Share of requests that never get an answer (the connection stays open).
+    pub hang_ratio: f64,
+    /// Share of streamed requests whose connection is dropped half way.
+    pub drop_mid_stream_ratio: f64,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            ttft_ms: 0,
+            inter_token_ms: 0,
+            output_tokens: 16,
+            error_500_ratio: 0.0,
+            error_429_ratio: 0.0,
+            retry_after_s: 1,
+            hang_ratio: 0.0,
+            drop_mid_stream_ratio: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    Error500,
+    Error429,
+    Hang,
+    DropMidStream,
+}
+
+impl Behaviour {
+    /// Picks the fault for one request from a uniform draw in `[0, 1)`; the
+    /// shares are stacked in a fixed order so they add up as configured.
+    pub fn fault(&self, draw: f64, streamed: bool) -> Fault {
+        let mut edge = self.error_500_ratio;
+        if draw < edge {
+            return Fault::Error500;
+        }
+        edge += self.error_429_ratio;
+        if draw < edge {
+            return Fault::Error429;
+        }
+        edge += self.hang_ratio;
+        if draw < edge {
+            return Fault::Hang;
+        }
+        edge += self.drop_mid_stream_ratio;
+        if streamed && draw < edge {
+            return Fault::DropMidStream;
+        }
+        Fault::None
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let shares = [
+            ("error_500_ratio", self.error_500_ratio),
+            ("error_429_ratio", self.error_429_ratio),
+            ("hang_ratio", self.hang_ratio),
+            ("drop_mid_stream_ratio", self.drop_mid_stream_ratio),
+        ];
+        for (name, v) in shares {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} must be within [0, 1], got {v}"));
+            }
+        }
+        let total: f64 = shares.iter().map(|(_, v)| v).sum();
+        if total > 1.0 + 1e-9 {
+            return Err(format!("fault shares add up to {total}, more than 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The answer's text: `n` words naming the mock and the position, so answers
+/// from different mocks differ and truncation is visible.
+pub fn answer_tokens(name: &str, n: u32) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                format!("{name}:{i}")
+            } else {
+                format!(" {name}:{i}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_stack_in_order() {
+        let b = Behaviour {
+            error_500_ratio: 0.1,
+            error_429_ratio: 0.2,
+            hang_ratio: 0.3,
+            drop_mid_stream_ratio: 0.1,
+            ..Behaviour::default()
+        };
+        assert_eq!(b.fault(0.05, true), Fault::Error500);
+        assert_eq!(b.fault(0.15, true), Fault::Error429);
+        assert_eq!(b.fault(0.45, true), Fault::Hang);
+        assert_eq!(b.fault(0.65, true), Fault::DropMidStream);
+        assert_eq!(b.fault(0.65, false), Fault::None);
+        assert_eq!(b.fault(0.95, true), Fault::None);
+    }
+
+    #[test]
+    fn shares_over_one_are_refused() {
+        let b = Behaviour {
+            error_500_ratio: 0.7,
+            hang_ratio: 0.7,
+            ..Behaviour::default()
+        };
+        assert!(b.validate().is_err());
+        assert!(Behaviour::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,379 @@
+//! The mock's HTTP server: the OpenAI routes, the admin routes, and the
+//! bookkeeping tests read back.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::behaviour::{answer_tokens, Behaviour, Fault};
+
+/// How many produced completions are kept for `/admin/completions/{id}`.
+const KEPT_COMPLETIONS: usize = 20_000;
+
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// Names the mock in answers, ids and logs.
+    pub name: String,
+    pub tier: String,
+    /// Models listed on `/v1/models`; requests for others still get answers,
+    /// because a proxy's job is to not send them.
+    pub models: Vec<String>,
+    pub behaviour: Behaviour,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MockError {
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Shared {
+    config: MockConfig,
+    behaviour: RwLock<Behaviour>,
+    counter: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    faults: Mutex<HashMap<&'static str, u64>>,
+    completions: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    by_id: HashMap<String, String>,
+    order: VecDeque<String>,
+}
+
+impl Kept {
+    fn insert(&mut self, id: String, content: String) {
+        if self.order.len() >= KEPT_COMPLETIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        self.order.push_back(id.clone());
+        self.by_id.insert(id, content);
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: MockConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MockError> {
+    let shared = Arc::new(Shared {
+        behaviour: RwLock::new(config.behaviour.clone()),
+        config,
+        counter: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        faults: Mutex::new(HashMap::new()),
+        completions: Mutex::new(Kept::default()),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/admin/config", get(get_config).post(set_config))
+        .route("/admin/stats", get(stats))
+        .route("/admin/completions/:id", get(completion))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    messages: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
+    (status, Json(body)).into_response()
+}
+
+/// Decrements the in-flight gauge however the request ends, including when the
+/// client goes away and the handler is dropped.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    s.in_flight.fetch_add(1, Ordering::Relaxed);
+    let guard = InFlight(s.clone());
+    let req: ChatRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("mock could not parse the request: {e}"),
+            )
+        }
+    };
+    let b = s.behaviour.read().expect("behaviour lock").clone();
+    let fault = b.fault(fastrand::f64(), req.stream);
+    if fault != Fault::None {
+        let name = match fault {
+            Fault::Error500 => "500",
+            Fault::Error429 => "429",
+            Fault::Hang => "hang",
+            Fault::DropMidStream => "drop_mid_stream",
+            Fault::None => unreachable!(),
+        };
+        *s.faults
+            .lock()
+            .expect("faults lock")
+            .entry(name)
+            .or_default() += 1;
+    }
+    match fault {
+        Fault::Error500 => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "injected failure",
+            )
+        }
+        Fault::Error429 => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "injected rate limit",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(b.retry_after_s));
+            return r;
+        }
+        Fault::Hang => {
+            futures::future::pending::<()>().await;
+            unreachable!("pending never resolves");
+        }
+        _ => {}
+    }
+
+    let n = s.counter.fetch_add(1, Ordering::Relaxed);
+    let id = format!("chatcmpl-{}-{n}", s.config.name);
+    let limit = req.max_completion_tokens.or(req.max_tokens);
+    let out = limit.map_or(b.output_tokens, |m| m.min(b.output_tokens));
+    let finish = if out < b.output_tokens {
+        "length"
+    } else {
+        "stop"
+    };
+    let tokens = answer_tokens(&s.config.name, out);
+    let prompt_tokens = prompt_tokens(&req.messages);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": out,
+        "total_tokens": prompt_tokens + out,
+    });
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+
+    tokio::time::sleep(Duration::from_millis(b.ttft_ms)).await;
+    if !req.stream {
+        let content: String = tokens.concat();
+        s.completions
+            .lock()
+            .expect("completions lock")
+            .insert(id.clone(), content.clone());
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish, "logprobs": null}],
+            "usage": usage,
+        });
+        drop(guard);
+        return Json(body).into_response();
+    }
+
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let drop_at = (fault == Fault::DropMidStream).then_some(tokens.len() / 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let model = req.model;
+    tokio::spawn(async move {
+        let _guard = guard;
+        let chunk = |delta: Value, finish: Value| {
+            let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            Bytes::from(format!("data: {v}\n\n"))
+        };
+        let mut sent = String::new();
+        if tx
+            .send(Ok(chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if drop_at == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("injected mid-stream drop")))
+                    .await;
+                return;
+            }
+            if i > 0 && b.inter_token_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(b.inter_token_ms)).await;
+            }
+            sent.push_str(t);
+            if tx
+                .send(Ok(chunk(json!({"content": t}), Value::Null)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        s.completions
+            .lock()
+            .expect("completions lock")
+            .insert(id.clone(), sent);
+        let _ = tx.send(Ok(chunk(json!({}), json!(finish)))).await;
+        if include_usage {
+            let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [], "usage": usage});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("static response parts")
+}
+
+/// About four characters a token, which is what providers' own estimates use.
+fn prompt_tokens(messages: &[Value]) -> u32 {
+    let chars: usize = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .map(str::len)
+        .sum();
+    (chars / 4).max(1) as u32
+}
+
+async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let data: Vec<Value> = s
+        .config
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": s.config.name}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// vLLM's queue gauges, so the control plane can scrape a mock as it would
+/// an on-prem server.
+async fn metrics(State(s): State<Arc<Shared>>) -> String {
+    let in_flight = s.in_flight.load(Ordering::Relaxed);
+    format!(
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running {in_flight}\n\
+         # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
+    )
+}
+
+async fn get_config(State(s): State<Arc<Shared>>) -> Json<Behaviour> {
+    Json(s.behaviour.read().expect("behaviour lock").clone())
+}
+
+/// Merges a partial JSON object into the current behaviour.
+async fn set_config(State(s): State<Arc<Shared>>, Json(patch): Json<Value>) -> Response {
+    let mut current = serde_json::to_value(&*s.behaviour.read().expect("behaviour lock"))
+        .expect("behaviour serialises");
+    let (Some(obj), Some(p)) = (current.as_object_mut(), patch.as_object()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "config must be a JSON object",
+        );
+    };
+    for (k, v) in p {
+        obj.insert(k.clone(), v.clone());
+    }
+    let next: Behaviour = match serde_json::from_value(current) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &e.to_string(),
+            )
+        }
+    };
+    if let Err(e) = next.validate() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e);
+    }
+    tracing::info!(mock = %s.config.name, config = ?next, "behaviour changed");
+    *s.behaviour.write().expect("behaviour lock") = next.clone();
+    Json(next).into_response()
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let faults = s.faults.lock().expect("faults lock").clone();
+    Json(json!({
+        "name": s.config.name,
+        "tier": s.config.tier,
+        "requests": s.requests.load(Ordering::Relaxed),
+        "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "faults": faults,
+    }))
+}
+
+async fn completion(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let content = s
+        .completions
+        .lock()
+        .expect("completions lock")
+        .by_id
+        .get(&id)
+        .cloned();
+    match content {
+        Some(c) => Json(json!({"id": id, "content": c})).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "no such completion"),
+    }
+}

@@ -1,0 +1,215 @@
+//! Starting and stopping Switchyard processes (control plane, sidecar,
+//! mocks) on loopback, for the demo, the end-to-end tests and the load bench.
+//! Every child dies with its parent (SIGKILL on parent death) and is killed
+//! when its handle drops, so no run leaves a process behind.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running child process.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `bin args`, with stderr going to `dir/name.log`.
+    pub fn spawn(bin: &Path, args: &[String], dir: &Path, name: &str) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {log:?}"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {bin:?} {args:?}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Spawns a process that prints `listening on ADDR` once it listens, and
+    /// returns that address.
+    pub async fn spawn_announced(
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+        name: &str,
+    ) -> anyhow::Result<(Proc, SocketAddr)> {
+        let mut p = Proc::spawn(bin, args, dir, name)?;
+        let addr = p.read_announce().await?;
+        Ok((p, addr))
+    }
+
+    async fn read_announce(&mut self) -> anyhow::Result<SocketAddr> {
+        let stdout = self
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{}: no stdout", self.name))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("{} did not announce its address in 60 s", self.name))??;
+        let Some(line) = line else {
+            bail!(
+                "{} exited before listening; see {:?}: {}",
+                self.name,
+                self.log,
+                self.log_text()
+            );
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow!("{}: unexpected first line {line:?}", self.name))?
+            .parse()?;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (SIGTERM, SIGKILL, ...) without waiting.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.child.id() {
+            signal(pid, sig);
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the process has not exited within `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> anyhow::Result<()> {
+        self.signal(libc::SIGTERM);
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Kills at once and reaps.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the calling (child)
+    // process; nothing else runs between fork and exec here.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// A free loopback port, for processes (pingora) that cannot report the
+/// port they bound to. Another process could take it in between; loopback
+/// ports are plentiful enough that this does not happen in practice.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `url` until it answers 200 or `within` passes.
+pub async fn wait_ok(client: &reqwest::Client, url: &str, within: Duration) -> anyhow::Result<()> {
+    let end = tokio::time::Instant::now() + within;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < end {
+        match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("status {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} not ready within {within:?}: {last}")
+}
+
+/// A fresh directory for one run's policy and logs.
+pub fn run_dir(label: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-{label}-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// One endpoint line of a policy, for tests and the demo.
+pub struct PolicyEndpoint<'a> {
+    pub name: &'a str,
+    pub addr: SocketAddr,
+    pub tier: &'a str,
+    pub model: &'a str,
+    pub price_in: f64,
+    pub price_out: f64,
+}
+
+/// Renders a policy with one class (`standard`, the default) whose weights
+/// are given by endpoint name.
+pub fn policy_yaml(endpoints: &[PolicyEndpoint<'_>], weights: &[(&str, f64)]) -> String {
+    let mut s = String::from("default_class: standard\nendpoints:\n");
+    for e in endpoints {
+        s.push_str(&format!(
+            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{}]\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n",
+            e.name, e.addr, e.tier, e.model, e.price_in, e.price_out
+        ));
+    }
+    s.push_str("classes:\n  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
+    if !weights.is_empty() {
+        s.push_str("    weights:\n");
+        for (name, w) in weights {
+            s.push_str(&format!("      {name}: {w}\n"));
+        }
+    }
+    s
+}
+
+/// Writes a file by renaming a sibling into place, as editors do, so a
+/// reader never sees half of it.
+pub fn write_atomic(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

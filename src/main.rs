@@ -1,0 +1,275 @@
+//! `switchyard`: one binary for every role: the sidecar, the control plane,
+//! the mock provider, the demo and the operator's admin calls.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard_proto::v1 as pb;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Routes LLM traffic across on-prem, burst and hosted endpoints"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: load the policy, push tables to sidecars.
+    Control {
+        #[arg(long)]
+        policy: PathBuf,
+        /// gRPC listen address; port 0 picks a free one (printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// How often the policy file is checked for edits, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        reload_ms: u64,
+    },
+    /// Run the sidecar proxy beside an app.
+    Sidecar {
+        /// Control plane address, host:port.
+        #[arg(long)]
+        control: String,
+        /// Where the app connects.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Names this sidecar to the control plane; defaults to host and pid.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Largest request body accepted, in bytes.
+        #[arg(long, default_value_t = 4 * 1024 * 1024)]
+        max_body_bytes: usize,
+    },
+    /// Run an OpenAI-compatible fake provider.
+    Mock(MockArgs),
+    /// Start a control plane, a sidecar and three mocks, and route traffic.
+    Demo {
+        /// Seconds to run; ignored with --forever.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Run until Ctrl-C.
+        #[arg(long)]
+        forever: bool,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Operator calls on the control plane.
+    Admin {
+        #[command(subcommand)]
+        call: AdminCall,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCall {
+    /// The table in force, every sidecar and every endpoint.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        control: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct MockArgs {
+    /// Port on 127.0.0.1 (0 picks a free one; the address is printed on stdout).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Listen address host; loopback by default.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value = "mock")]
+    name: String,
+    #[arg(long, default_value = "onprem")]
+    tier: String,
+    /// Models listed on /v1/models (repeatable).
+    #[arg(long = "model", default_values_t = ["llama-3-70b".to_string()])]
+    models: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    #[arg(long, default_value_t = 0)]
+    inter_token_ms: u64,
+    #[arg(long, default_value_t = 16)]
+    output_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    error_500_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    error_429_ratio: f64,
+    #[arg(long, default_value_t = 1)]
+    retry_after_s: u32,
+    #[arg(long, default_value_t = 0.0)]
+    hang_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    drop_mid_stream_ratio: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sidecar {
+            control,
+            listen,
+            id,
+            threads,
+            max_body_bytes,
+        } => {
+            let sidecar_id = id.unwrap_or_else(default_id);
+            switchyard_dataplane::run(switchyard_dataplane::SidecarConfig {
+                control,
+                listen,
+                sidecar_id,
+                threads,
+                max_body_bytes,
+            })?;
+            Ok(())
+        }
+        Command::Control {
+            policy,
+            listen,
+            reload_ms,
+        } => runtime()?.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            announce(listener.local_addr()?);
+            let config = switchyard_controlplane::ControlConfig {
+                policy,
+                reload_every: Duration::from_millis(reload_ms),
+            };
+            switchyard_controlplane::run(config, listener, shutdown_signal()).await?;
+            Ok(())
+        }),
+        Command::Mock(args) => runtime()?.block_on(run_mock(args)),
+        Command::Demo {
+            seconds,
+            forever,
+            concurrency,
+        } => runtime()?.block_on(demo::run(demo::DemoArgs {
+            duration: (!forever).then(|| Duration::from_secs(seconds)),
+            concurrency,
+        })),
+        Command::Admin { call } => runtime()?.block_on(admin(call)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sidecar".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The one line on stdout that tells a parent process where we listen.
+fn announce(addr: SocketAddr) {
+    println!("listening on {addr}");
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
+    let behaviour = switchyard_mock::Behaviour {
+        ttft_ms: a.ttft_ms,
+        inter_token_ms: a.inter_token_ms,
+        output_tokens: a.output_tokens,
+        error_500_ratio: a.error_500_ratio,
+        error_429_ratio: a.error_429_ratio,
+        retry_after_s: a.retry_after_s,
+        hang_ratio: a.hang_ratio,
+        drop_mid_stream_ratio: a.drop_mid_stream_ratio,
+    };
+    behaviour.validate().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+        .await
+        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    announce(listener.local_addr()?);
+    let config = switchyard_mock::MockConfig {
+        name: a.name,
+        tier: a.tier,
+        models: a.models,
+        behaviour,
+    };
+    switchyard_mock::serve(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn admin(call: AdminCall) -> anyhow::Result<()> {
+    match call {
+        AdminCall::Status { control, json } => {
+            let mut client = pb::admin_client::AdminClient::connect(format!("http://{control}"))
+                .await
+                .with_context(|| format!("connecting to the control plane at {control}"))?;
+            let s = client.status(pb::StatusRequest {}).await?.into_inner();
+            if json {
+                let v = serde_json::json!({
+                    "table_version": s.table_version,
+                    "sidecars": s.sidecars.iter().map(|c| serde_json::json!({
+                        "id": c.sidecar_id, "connected": c.connected,
+                        "acked_version": c.acked_version, "nacked_version": c.nacked_version,
+                        "nack_reason": c.nack_reason, "last_report_age_ms": c.last_report_age_ms,
+                    })).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                        "name": e.name, "tier": e.tier, "requests": e.requests, "errors": e.errors,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("table version in force: {}", s.table_version);
+            println!(
+                "\n{:<28} {:>9} {:>15} {:>15}  nack",
+                "sidecar", "connected", "acked", "report age ms"
+            );
+            for c in &s.sidecars {
+                println!(
+                    "{:<28} {:>9} {:>15} {:>15}  {}",
+                    c.sidecar_id, c.connected, c.acked_version, c.last_report_age_ms, c.nack_reason
+                );
+            }
+            println!(
+                "\n{:<20} {:<9} {:>10} {:>8}",
+                "endpoint", "tier", "requests", "errors"
+            );
+            for e in &s.endpoints {
+                println!(
+                    "{:<20} {:<9} {:>10} {:>8}",
+                    e.name, e.tier, e.requests, e.errors
+                );
+            }
+            Ok(())
+        }
+    }
+}
