@@ -8,6 +8,8 @@ pub mod publish;
 pub mod registry;
 pub mod routing;
 pub mod services;
+pub mod signals;
+pub mod weights;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -50,6 +50,14 @@ pub struct Endpoint {
     /// Concurrent requests; 0 when unknown.
     #[serde(default)]
     pub capacity: u32,
+    /// Who runs the endpoint; a kill switch can name a provider to stop all
+    /// of its endpoints at once.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// Prometheus text endpoint of a vLLM server, scraped for queue depth
+    /// (`vllm:num_requests_waiting`) and KV-cache use.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
 }
 
 fn default_api() -> ApiKind {
@@ -67,6 +75,21 @@ pub struct Class {
     pub ttft_timeout_ms: u32,
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u32,
+    /// SLA: the p95 time to first token an endpoint must be predicted to
+    /// meet to get this class's traffic. Absent: `ttft_timeout_ms`.
+    #[serde(default)]
+    pub ttft_p95_ms: Option<u32>,
+    /// SLA: the error rate above which an endpoint is taken out for this
+    /// class.
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Latency-sensitive: among endpoints of close cost, prefer low RTT.
+    #[serde(default)]
+    pub interactive: bool,
+    /// Models the class may be served; any when absent. Endpoints serving
+    /// none of them get none of the class's traffic.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
     /// Static weights by endpoint name. Absent: equal weights over the
     /// class's first tier (in the policy's tier order) that has endpoints.
     #[serde(default)]
@@ -81,6 +104,60 @@ fn default_deadline_ms() -> u32 {
     120_000
 }
 
+fn default_max_error_rate() -> f64 {
+    0.1
+}
+
+/// How the control plane turns telemetry into weights. Every field has a
+/// default, so the block is optional.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Routing {
+    /// Sliding window of telemetry the weights are computed from.
+    pub window_ms: u32,
+    /// Requests an endpoint needs in the window before its latency and error
+    /// rate are judged; with fewer it is given the benefit of the doubt.
+    pub min_requests: u32,
+    /// Utilisation (in-flight / capacity) up to which a tier is filled before
+    /// traffic overflows to the next one.
+    pub burst_utilisation: f64,
+    /// Scraped `vllm:num_requests_waiting` per endpoint above which it counts
+    /// as full, whatever its capacity says. Absent: queue depth is shown but
+    /// not acted on.
+    pub burst_queue_depth: Option<f64>,
+    /// Share of a class's traffic given to each standby endpoint so its
+    /// signals stay fresh; 0 turns exploration off.
+    pub exploration: f64,
+    /// The most any weight moves in one computation.
+    pub max_step: f64,
+    /// Moves smaller than this are not made, so noise does not churn tables.
+    pub hysteresis: f64,
+    /// First ejection of an endpoint that breaks a class's SLA lasts this long;
+    /// each repeat doubles it, up to `max_ejection_ms`.
+    pub min_ejection_ms: u32,
+    pub max_ejection_ms: u32,
+    /// Endpoints whose blended prices are within this fraction of each other
+    /// count as equally cheap (and interactive classes order them by RTT).
+    pub cost_tolerance: f64,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            window_ms: 10_000,
+            min_requests: 10,
+            burst_utilisation: 0.8,
+            burst_queue_depth: None,
+            exploration: 0.02,
+            max_step: 0.1,
+            hysteresis: 0.02,
+            min_ejection_ms: 10_000,
+            max_ejection_ms: 120_000,
+            cost_tolerance: 0.1,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -90,6 +167,8 @@ pub struct Policy {
     pub default_class: String,
     pub endpoints: Vec<Endpoint>,
     pub classes: Vec<Class>,
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 fn default_tiers() -> Vec<Tier> {
@@ -180,6 +259,14 @@ impl Policy {
                     "must list at least one non-empty model".into(),
                 );
             }
+            if e.provider.as_ref().is_some_and(|p| p.trim().is_empty()) {
+                return err(at("provider"), "must not be empty".into());
+            }
+            if let Some(m) = &e.metrics_url {
+                if let Err(msg) = check_url(m) {
+                    return err(at("metrics_url"), msg);
+                }
+            }
             for (f, v) in [
                 ("price.input_per_mtok", e.price.input_per_mtok),
                 ("price.output_per_mtok", e.price.output_per_mtok),
@@ -206,6 +293,26 @@ impl Policy {
                         c.ttft_timeout_ms, c.deadline_ms
                     ),
                 );
+            }
+            if c.ttft_p95_ms == Some(0) {
+                return err(at("ttft_p95_ms"), "must be positive".into());
+            }
+            if !(c.max_error_rate > 0.0 && c.max_error_rate <= 1.0) {
+                return err(
+                    at("max_error_rate"),
+                    format!("must be within (0, 1], got {}", c.max_error_rate),
+                );
+            }
+            if let Some(models) = &c.models {
+                if models.is_empty() {
+                    return err(at("models"), "must list at least one model".into());
+                }
+                if let Some(m) = models
+                    .iter()
+                    .find(|m| !self.endpoints.iter().any(|e| e.models.contains(m)))
+                {
+                    return err(at("models"), format!("no endpoint serves {m:?}"));
+                }
             }
             if let Some(tiers) = &c.tiers {
                 if let Some(t) = tiers.iter().find(|t| !self.tiers.contains(t)) {
@@ -236,6 +343,7 @@ impl Policy {
                 }
             }
         }
+        self.routing.validate()?;
         if !classes.contains(self.default_class.as_str()) {
             return err(
                 "default_class".into(),
@@ -249,6 +357,66 @@ impl Policy {
 impl Class {
     pub fn allows(&self, tier: Tier) -> bool {
         self.tiers.as_ref().is_none_or(|t| t.contains(&tier))
+    }
+
+    /// Whether the class may be sent to `e` at all: its tier and models.
+    pub fn may_use(&self, e: &Endpoint) -> bool {
+        self.allows(e.tier)
+            && self
+                .models
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| e.models.contains(m)))
+    }
+
+    /// The p95 TTFT the class's endpoints must meet, in milliseconds.
+    pub fn ttft_target_ms(&self) -> u32 {
+        self.ttft_p95_ms.unwrap_or(self.ttft_timeout_ms)
+    }
+}
+
+impl Routing {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let at = |f: &str| format!("routing.{f}");
+        let within = |f: &str, v: f64, lo: f64, hi: f64| {
+            if v.is_finite() && v >= lo && v <= hi {
+                Ok(())
+            } else {
+                Err((at(f), format!("must be within [{lo}, {hi}], got {v}")))
+            }
+        };
+        if self.window_ms < 1000 {
+            return Err((at("window_ms"), "must be at least 1000 (one report)".into()));
+        }
+        if self.burst_utilisation <= 0.0 {
+            return Err((at("burst_utilisation"), "must be positive".into()));
+        }
+        within("burst_utilisation", self.burst_utilisation, 0.0, 1.0)?;
+        if let Some(q) = self.burst_queue_depth {
+            within("burst_queue_depth", q, 0.0, 1e9)?;
+        }
+        within("exploration", self.exploration, 0.0, 0.2)?;
+        within("max_step", self.max_step, 0.001, 1.0)?;
+        within("hysteresis", self.hysteresis, 0.0, 0.5)?;
+        if self.hysteresis >= self.max_step {
+            return Err((
+                at("hysteresis"),
+                format!(
+                    "must be smaller than max_step ({}), or weights never move",
+                    self.max_step
+                ),
+            ));
+        }
+        within("cost_tolerance", self.cost_tolerance, 0.0, 10.0)?;
+        if self.min_ejection_ms == 0 || self.min_ejection_ms > self.max_ejection_ms {
+            return Err((
+                at("min_ejection_ms"),
+                format!(
+                    "must be positive and at most max_ejection_ms ({})",
+                    self.max_ejection_ms
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -379,6 +547,46 @@ classes:
         let bad = GOOD.replace("name: b", "name: a");
         let e = Policy::parse(&bad).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("endpoints[1].name", Some(8)));
+    }
+
+    #[test]
+    fn decision_fields_are_optional_and_validated_with_their_line() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.routing, Routing::default());
+        assert_eq!(p.classes[0].ttft_target_ms(), 10_000);
+        assert!(!p.classes[0].interactive);
+
+        let tuned = format!(
+            "{GOOD}routing:\n  window_ms: 3000\n  exploration: 0\n  burst_queue_depth: 2\n"
+        )
+        .replace("    url: http://127.0.0.1:9001\n", "    url: http://127.0.0.1:9001\n    provider: acme\n    metrics_url: http://127.0.0.1:9001/metrics\n")
+        .replace("  - name: standard\n", "  - name: standard\n    ttft_p95_ms: 500\n    interactive: true\n    models: [m]\n");
+        let p = Policy::parse(&tuned).expect("valid");
+        assert_eq!(p.routing.window_ms, 3000);
+        assert_eq!(p.routing.exploration, 0.0);
+        assert_eq!(p.routing.max_step, Routing::default().max_step);
+        assert_eq!(p.endpoints[0].provider.as_deref(), Some("acme"));
+        assert_eq!(p.classes[0].ttft_target_ms(), 500);
+        assert!(p.classes[0].may_use(&p.endpoints[0]));
+
+        let bad = tuned.replace("exploration: 0", "exploration: 0.9");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("routing.exploration", Some(25))
+        );
+
+        let bad = tuned.replace("models: [m]\n    weights", "models: [zz]\n    weights");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("classes[0].models", Some(19)));
+        assert!(e.message.contains("zz"), "{e}");
+
+        let bad = tuned.replace("metrics_url: http", "metrics_url: ftp");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[0].metrics_url", Some(6))
+        );
     }
 
     #[test]

@@ -1,0 +1,421 @@
+//! Telemetry merged across sidecars into per-endpoint signals over a sliding
+//! window of one-second buckets, plus the queue gauges scraped from vLLM.
+//!
+//! Reports are bucketed by when they arrive, not by the sidecar's clock:
+//! every sidecar reports once a second, so arrival time is accurate to a
+//! bucket, and the control plane never trusts clocks it does not own.
+//! Counts and histograms add up across sidecars (each report covers only its
+//! own interval); gauges (in-flight, RTT) are kept per sidecar and summed or
+//! averaged over the sidecars that reported recently.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::Histogram;
+use switchyard_proto::v1 as pb;
+
+/// Width of one bucket; sidecars report once a second.
+pub const BUCKET_MS: u64 = 1000;
+/// A sidecar's gauges count only while it keeps reporting.
+const GAUGE_TTL_MS: u64 = 3 * BUCKET_MS;
+/// A scrape older than this is not used.
+const SCRAPE_TTL_MS: u64 = 5_000;
+
+/// Microseconds, 1 µs to 10 minutes, 2 significant digits: 1% is finer
+/// than any SLA, and keeps a bucket's histogram at about 23 KiB.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("static histogram bounds")
+}
+
+/// One second of one endpoint's traffic, summed over sidecars.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    pub start_ms: u64,
+    pub requests: u64,
+    /// Failed attempts of every kind (connect, timeout, 5xx, 429).
+    pub errors: u64,
+    /// The subset of `errors` that timed out; they count as slower than any
+    /// recorded TTFT.
+    pub timeouts: u64,
+    /// Time to first token, microseconds.
+    pub ttft: Histogram<u64>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub spend_usd: f64,
+}
+
+impl Bucket {
+    pub fn new(start_ms: u64) -> Self {
+        Self {
+            start_ms,
+            requests: 0,
+            errors: 0,
+            timeouts: 0,
+            ttft: histogram(),
+            tokens_in: 0,
+            tokens_out: 0,
+            spend_usd: 0.0,
+        }
+    }
+
+    /// A bucket of `requests` requests, `errors` of them failed, whose
+    /// successful ones all took `ttft_ms` to the first token. For tests and
+    /// tools that have no sidecar.
+    pub fn synthetic(start_ms: u64, requests: u64, errors: u64, ttft_ms: f64) -> Self {
+        let mut b = Bucket::new(start_ms);
+        b.requests = requests;
+        b.errors = errors.min(requests);
+        let ok = requests - b.errors;
+        if ok > 0 {
+            let _ = b.ttft.record_n(((ttft_ms * 1000.0) as u64).max(1), ok);
+        }
+        b
+    }
+}
+
+/// Queue gauges scraped from a vLLM `/metrics` page.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Queue {
+    pub waiting: f64,
+    pub running: f64,
+    /// KV-cache use, 0 to 1, when the server says.
+    pub kv_cache: Option<f64>,
+}
+
+/// What the weight computation knows about one endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointSignals {
+    /// The window's buckets, oldest first.
+    pub buckets: Vec<Bucket>,
+    /// Requests in flight now, summed over sidecars that report.
+    pub in_flight: f64,
+    /// Mean smoothed RTT over the sidecars that measured one.
+    pub rtt_ms: Option<f64>,
+    pub queue: Option<Queue>,
+}
+
+/// The window summed up, from some start on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub requests: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    /// p95 time to first token in ms, timeouts counted as infinitely slow;
+    /// `None` without samples.
+    pub ttft_p95_ms: Option<f64>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub spend_usd: f64,
+}
+
+impl Summary {
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+impl EndpointSignals {
+    /// Sums the buckets that started at or after `since_ms`.
+    pub fn summary(&self, since_ms: u64) -> Summary {
+        let mut s = Summary::default();
+        let mut ttft: Option<Histogram<u64>> = None;
+        for b in self.buckets.iter().filter(|b| b.start_ms >= since_ms) {
+            s.requests += b.requests;
+            s.errors += b.errors;
+            s.timeouts += b.timeouts;
+            s.tokens_in += b.tokens_in;
+            s.tokens_out += b.tokens_out;
+            s.spend_usd += b.spend_usd;
+            if !b.ttft.is_empty() {
+                match &mut ttft {
+                    Some(h) => {
+                        let _ = h.add(&b.ttft);
+                    }
+                    None => ttft = Some(b.ttft.clone()),
+                }
+            }
+        }
+        let samples = ttft.as_ref().map_or(0, |h| h.len());
+        let total = samples + s.timeouts;
+        s.ttft_p95_ms = if total == 0 {
+            None
+        } else if s.timeouts as f64 > 0.05 * total as f64 {
+            Some(f64::INFINITY)
+        } else {
+            // The timeouts sit above every sample: the p95 of all is a
+            // higher quantile of the samples alone.
+            let q = (0.95 * total as f64 / samples as f64).min(1.0);
+            ttft.map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+        };
+        s
+    }
+}
+
+/// A snapshot of every endpoint's signals at one instant; the input of the
+/// weight computation.
+#[derive(Clone, Debug, Default)]
+pub struct Signals {
+    pub now_ms: u64,
+    /// Start of the window the buckets cover.
+    pub window_start_ms: u64,
+    pub endpoints: BTreeMap<String, EndpointSignals>,
+}
+
+impl Signals {
+    pub fn get(&self, endpoint: &str) -> Option<&EndpointSignals> {
+        self.endpoints.get(endpoint)
+    }
+
+    /// Input and output tokens over all endpoints in the window, for
+    /// blending prices into one cost per request.
+    pub fn token_mix(&self) -> (u64, u64) {
+        self.endpoints
+            .values()
+            .flat_map(|e| &e.buckets)
+            .fold((0, 0), |(i, o), b| (i + b.tokens_in, o + b.tokens_out))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Gauge {
+    in_flight: u32,
+    rtt_us: u32,
+    at_ms: u64,
+}
+
+#[derive(Default)]
+struct Series {
+    buckets: VecDeque<Bucket>,
+    gauges: HashMap<String, Gauge>,
+    scraped: Option<(u64, Queue)>,
+    spend_total: f64,
+}
+
+/// Takes in reports and scrapes; hands out snapshots.
+pub struct Aggregator {
+    window_ms: u64,
+    series: HashMap<String, Series>,
+    decoder: Deserializer,
+}
+
+impl Aggregator {
+    pub fn new(window_ms: u64) -> Self {
+        Self {
+            window_ms: window_ms.max(BUCKET_MS),
+            series: HashMap::new(),
+            decoder: Deserializer::new(),
+        }
+    }
+
+    /// A policy edit may change the window; buckets already held stay.
+    pub fn set_window(&mut self, window_ms: u64) {
+        self.window_ms = window_ms.max(BUCKET_MS);
+    }
+
+    pub fn ingest(&mut self, r: &pb::TelemetryReport, now_ms: u64) {
+        let start = now_ms - now_ms % BUCKET_MS;
+        for w in &r.endpoints {
+            let s = self.series.entry(w.endpoint.clone()).or_default();
+            s.gauges.insert(
+                r.sidecar_id.clone(),
+                Gauge {
+                    in_flight: w.in_flight,
+                    rtt_us: w.rtt_us,
+                    at_ms: now_ms,
+                },
+            );
+            s.spend_total += w.spend_usd;
+            if s.buckets.back().is_none_or(|b| b.start_ms < start) {
+                s.buckets.push_back(Bucket::new(start));
+            }
+            let b = s.buckets.back_mut().expect("just pushed");
+            b.requests += w.requests;
+            b.errors += w.errors_connect + w.errors_timeout + w.errors_5xx + w.errors_429;
+            b.timeouts += w.errors_timeout;
+            b.tokens_in += w.tokens_in;
+            b.tokens_out += w.tokens_out;
+            b.spend_usd += w.spend_usd;
+            if !w.ttft_histogram.is_empty() {
+                match self
+                    .decoder
+                    .deserialize::<u64, _>(&mut w.ttft_histogram.as_slice())
+                {
+                    Ok(h) => {
+                        for v in h.iter_recorded() {
+                            let _ = b.ttft.record_n(v.value_iterated_to(), v.count_at_value());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(sidecar = %r.sidecar_id, endpoint = %w.endpoint, error = ?e, "undecodable TTFT histogram; ignored")
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn set_queue(&mut self, endpoint: &str, q: Queue, now_ms: u64) {
+        self.series.entry(endpoint.to_string()).or_default().scraped = Some((now_ms, q));
+    }
+
+    /// Spend reported for `endpoint` since the control plane started.
+    pub fn spend_total(&self, endpoint: &str) -> f64 {
+        self.series.get(endpoint).map_or(0.0, |s| s.spend_total)
+    }
+
+    /// Drops what fell out of the window and returns what is left.
+    pub fn snapshot(&mut self, now_ms: u64) -> Signals {
+        let window_start = now_ms.saturating_sub(self.window_ms);
+        let mut endpoints = BTreeMap::new();
+        for (name, s) in &mut self.series {
+            // A bucket is kept while any part of it is inside the window.
+            while s
+                .buckets
+                .front()
+                .is_some_and(|b| b.start_ms + BUCKET_MS <= window_start)
+            {
+                s.buckets.pop_front();
+            }
+            s.gauges
+                .retain(|_, g| now_ms.saturating_sub(g.at_ms) <= GAUGE_TTL_MS);
+            let in_flight = s.gauges.values().map(|g| f64::from(g.in_flight)).sum();
+            let rtts: Vec<f64> = s
+                .gauges
+                .values()
+                .filter(|g| g.rtt_us > 0)
+                .map(|g| f64::from(g.rtt_us) / 1000.0)
+                .collect();
+            let rtt_ms = (!rtts.is_empty()).then(|| rtts.iter().sum::<f64>() / rtts.len() as f64);
+            let queue = s
+                .scraped
+                .filter(|(at, _)| now_ms.saturating_sub(*at) <= SCRAPE_TTL_MS)
+                .map(|(_, q)| q);
+            endpoints.insert(
+                name.clone(),
+                EndpointSignals {
+                    buckets: s.buckets.iter().cloned().collect(),
+                    in_flight,
+                    rtt_ms,
+                    queue,
+                },
+            );
+        }
+        Signals {
+            now_ms,
+            window_start_ms: window_start,
+            endpoints,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::serialization::{Serializer, V2Serializer};
+
+    fn window(
+        endpoint: &str,
+        requests: u64,
+        ttft_ms: &[u64],
+        in_flight: u32,
+    ) -> pb::EndpointWindow {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+        for t in ttft_ms {
+            h.record(t * 1000).unwrap();
+        }
+        let mut buf = Vec::new();
+        V2Serializer::new().serialize(&h, &mut buf).unwrap();
+        pb::EndpointWindow {
+            endpoint: endpoint.into(),
+            requests,
+            errors_timeout: requests - ttft_ms.len() as u64,
+            ttft_histogram: buf,
+            in_flight,
+            rtt_us: 2_000,
+            ..Default::default()
+        }
+    }
+
+    fn report(sidecar: &str, w: Vec<pb::EndpointWindow>) -> pb::TelemetryReport {
+        pb::TelemetryReport {
+            sidecar_id: sidecar.into(),
+            table_version: 1,
+            window_ms: 1000,
+            endpoints: w,
+        }
+    }
+
+    #[test]
+    fn reports_add_up_across_sidecars_and_age_out() {
+        let mut a = Aggregator::new(3000);
+        a.ingest(
+            &report("s1", vec![window("e", 3, &[10, 20, 30], 2)]),
+            10_100,
+        );
+        a.ingest(&report("s2", vec![window("e", 2, &[40, 50], 5)]), 10_900);
+        a.ingest(&report("s1", vec![window("e", 1, &[60], 1)]), 11_200);
+        let s = a.snapshot(11_500);
+        let e = s.get("e").unwrap();
+        assert_eq!(e.buckets.len(), 2);
+        assert_eq!(e.in_flight, 6.0, "latest gauge per sidecar, summed");
+        assert_eq!(e.rtt_ms, Some(2.0));
+        let sum = e.summary(0);
+        assert_eq!((sum.requests, sum.errors), (6, 0));
+        let p95 = sum.ttft_p95_ms.unwrap();
+        assert!((59.0..=61.0).contains(&p95), "{p95}");
+        assert_eq!(e.summary(11_000).requests, 1, "only buckets from then on");
+
+        // 14.5 s: the 10 s bucket left the 3 s window, s2's gauge went stale.
+        let s = a.snapshot(14_500);
+        let e = s.get("e").unwrap();
+        assert_eq!(e.buckets.len(), 1);
+        assert_eq!(e.in_flight, 0.0);
+        let s = a.snapshot(15_000);
+        assert!(s.get("e").unwrap().buckets.is_empty());
+    }
+
+    #[test]
+    fn timeouts_count_as_slower_than_every_sample() {
+        let mut a = Aggregator::new(10_000);
+        // 19 fast answers and one timeout: the p95 is still a fast one.
+        a.ingest(&report("s", vec![window("e", 20, &[5; 19], 0)]), 1000);
+        let p95 = a.snapshot(1500).get("e").unwrap().summary(0).ttft_p95_ms;
+        assert!(p95.unwrap() < 6.0, "{p95:?}");
+        // Ten timeouts out of 30: the p95 is past any deadline.
+        a.ingest(&report("s", vec![window("e", 10, &[], 0)]), 1100);
+        let sum = a.snapshot(1500).get("e").unwrap().summary(0);
+        assert_eq!(sum.ttft_p95_ms, Some(f64::INFINITY));
+        assert_eq!(sum.timeouts, 11);
+    }
+
+    #[test]
+    fn scrapes_expire() {
+        let mut a = Aggregator::new(10_000);
+        let q = Queue {
+            waiting: 3.0,
+            running: 4.0,
+            kv_cache: Some(0.5),
+        };
+        a.set_queue("e", q, 1000);
+        assert_eq!(a.snapshot(2000).get("e").unwrap().queue, Some(q));
+        assert_eq!(
+            a.snapshot(1000 + SCRAPE_TTL_MS + 1).get("e").unwrap().queue,
+            None
+        );
+    }
+
+    #[test]
+    fn synthetic_buckets_summarise_like_real_ones() {
+        let e = EndpointSignals {
+            buckets: vec![Bucket::synthetic(0, 10, 2, 250.0)],
+            ..Default::default()
+        };
+        let s = e.summary(0);
+        assert_eq!((s.requests, s.errors), (10, 2));
+        assert!((s.error_rate() - 0.2).abs() < 1e-9);
+        assert!((s.ttft_p95_ms.unwrap() - 250.0).abs() < 3.0);
+    }
+}
