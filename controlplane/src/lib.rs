@@ -3,17 +3,21 @@
 //! and answers operators.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod engine;
 pub mod policy;
 pub mod publish;
 pub mod registry;
 pub mod routing;
+pub mod scrape;
 pub mod services;
 pub mod signals;
+pub mod store;
 pub mod weights;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
@@ -22,17 +26,30 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 pub use publish::LoadError;
 
+/// How long in-flight calls may finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+pub use store::StoreError;
+
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
     pub policy: PathBuf,
     /// How often the policy file is checked for edits.
     pub reload_every: Duration,
+    /// How often weights are recomputed from telemetry.
+    pub interval: Duration,
+    /// The SQLite database for switches, the audit log and the last
+    /// decision; `None` keeps them in memory only.
+    pub db: Option<PathBuf>,
+    /// Bearer token the admin API requires; `None` serves status only.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(transparent)]
     Policy(#[from] LoadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -43,22 +60,68 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControlError> {
-    let (publisher, tables) = publish::Publisher::load(&config.policy)?;
-    tokio::spawn(publisher.watch_file(config.reload_every));
+    let store = Arc::new(store::Store::open(config.db.as_deref())?);
+    if store.path().is_none() {
+        tracing::warn!("no --state-dir or --db: switches and the audit log live in memory and die with the process");
+    }
+    if config.admin_token.is_none() {
+        tracing::warn!("no admin token: the admin API serves status only");
+    }
+    let interval = config.interval.max(Duration::from_millis(10));
+    let aggregator = Arc::new(Mutex::new(signals::Aggregator::new(10_000)));
+    let (engine, handle, tables) = engine::Engine::start(
+        &config.policy,
+        interval,
+        config.reload_every,
+        store.clone(),
+        aggregator.clone(),
+    )?;
+    tokio::spawn(engine.run());
+    tokio::spawn(scrape::run(
+        tables.clone(),
+        aggregator.clone(),
+        interval.max(Duration::from_millis(250)),
+    ));
     let state = services::State {
         tables,
         registry: Arc::new(registry::Registry::default()),
+        signals: aggregator,
     };
-    tonic::transport::Server::builder()
+    let admin = admin::Admin {
+        state: state.clone(),
+        store,
+        engine: handle,
+        token: config.admin_token.filter(|t| !t.is_empty()),
+        interval,
+    };
+    // Watch and telemetry streams never end on their own, so a graceful
+    // shutdown would wait for them forever: after the signal, in-flight
+    // calls get a grace period and the streams are then cut (sidecars
+    // reconnect to whoever serves next).
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    };
+    let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(pb::routing_discovery_server::RoutingDiscoveryServer::new(
             services::Discovery(state.clone()),
         ))
         .add_service(pb::telemetry_server::TelemetryServer::new(
-            services::Telemetry(state.clone()),
+            services::Telemetry(state),
         ))
-        .add_service(pb::admin_server::AdminServer::new(services::Admin(state)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(pb::admin_server::AdminServer::new(admin))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::select! {
+        served = serve => served?,
+        () = async {
+            if signalled.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::info!("shutdown grace over; closing the streams still open"),
+    }
     Ok(())
 }

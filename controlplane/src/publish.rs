@@ -1,21 +1,25 @@
-//! Holds the table in force and publishes a new version when the policy file
-//! changes: a valid edit becomes a new version, an invalid one is logged and
-//! the old table stays.
+//! Holds the table in force and publishes new versions: the engine calls
+//! `publish` when the policy file changed (a valid edit; an invalid one is
+//! logged and the old table stays) or the decision moved.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use switchyard_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::policy::{Policy, PolicyError};
 use crate::routing;
+use crate::weights::Decision;
 
-/// A published table and the policy it came from.
+/// A published table, the policy it came from, and the latest decision.
+/// The decision may be newer than the table: standing (ejections) moves on
+/// between publications without waking any Watch stream.
 #[derive(Debug)]
 pub struct Published {
     pub policy: Policy,
+    pub decision: Decision,
     pub update: pb::TableUpdate,
 }
 
@@ -37,16 +41,17 @@ pub fn next_version(previous: u64, now_ms: u64) -> u64 {
     previous.saturating_add(1).max(now_ms)
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn publication(policy: Policy, version: u64) -> Published {
-    let table = routing::table(&policy, version);
+fn publication(policy: Policy, decision: Decision, version: u64) -> Published {
+    let table = routing::table(&policy, &decision, version);
     Published {
         policy,
+        decision,
         update: pb::TableUpdate {
             nonce: format!("{:016x}", fastrand::u64(..)),
             table: Some(table),
@@ -62,16 +67,22 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Loads the policy once; an invalid file at start is an error, since
-    /// there is no old table to keep.
-    pub fn load(path: &Path) -> Result<(Self, watch::Receiver<Arc<Published>>), LoadError> {
+    /// Loads the policy once and publishes the table `decide` makes of it,
+    /// above `last_version` (the last one published before a restart). An
+    /// invalid file at start is an error, since there is no old table to keep.
+    pub fn load(
+        path: &Path,
+        last_version: u64,
+        decide: impl FnOnce(&Policy) -> Decision,
+    ) -> Result<(Self, watch::Receiver<Arc<Published>>), LoadError> {
         let src = read(path)?;
         let policy = Policy::parse(&src).map_err(|source| LoadError::Invalid {
             path: path.to_path_buf(),
             source,
         })?;
-        let version = next_version(0, now_ms());
-        let (tx, rx) = watch::channel(Arc::new(publication(policy, version)));
+        let version = next_version(last_version, now_ms());
+        let decision = decide(&policy);
+        let (tx, rx) = watch::channel(Arc::new(publication(policy, decision, version)));
         Ok((
             Self {
                 path: path.to_path_buf(),
@@ -83,9 +94,9 @@ impl Publisher {
         ))
     }
 
-    /// Re-reads the file; publishes a new version if it changed and is valid.
-    /// Returns the new version, `None` when nothing changed.
-    pub fn reload(&mut self) -> Result<Option<u64>, LoadError> {
+    /// Re-reads the file; returns the new policy if it changed and is valid.
+    /// Publishing it is the caller's job, with a decision made for it.
+    pub fn reload(&mut self) -> Result<Option<Policy>, LoadError> {
         let src = read(&self.path)?;
         if src == self.last_src {
             return Ok(None);
@@ -100,27 +111,37 @@ impl Publisher {
         if policy == self.tx.borrow().policy {
             return Ok(None);
         }
-        self.version = next_version(self.version, now_ms());
-        self.tx
-            .send_replace(Arc::new(publication(policy, self.version)));
-        Ok(Some(self.version))
+        Ok(Some(policy))
     }
 
-    /// Polls the file until the process ends. Polling, not inotify: editors
-    /// replace files by rename, and a poll sees every such swap the same way.
-    pub async fn watch_file(mut self, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match self.reload() {
-                Ok(Some(v)) => tracing::info!(version = v, "policy reloaded; new table published"),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "policy change rejected; keeping the table in force")
-                }
-            }
-        }
+    pub fn current(&self) -> Arc<Published> {
+        self.tx.borrow().clone()
+    }
+
+    /// Publishes a new version; every Watch stream sends it.
+    pub fn publish(&mut self, policy: Policy, decision: Decision) -> u64 {
+        self.version = next_version(self.version, now_ms());
+        self.tx
+            .send_replace(Arc::new(publication(policy, decision, self.version)));
+        self.version
+    }
+
+    /// Records a decision whose routes equal the published ones, without
+    /// waking any Watch stream: status sees the new standing, sidecars see
+    /// nothing to apply.
+    pub fn refresh(&self, decision: Decision) {
+        self.tx.send_if_modified(|p| {
+            *p = Arc::new(Published {
+                policy: p.policy.clone(),
+                decision,
+                update: p.update.clone(),
+            });
+            false
+        });
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
     }
 }
 

@@ -1,13 +1,16 @@
-//! Turns a policy into the routing table sidecars apply. Pure: no I/O, no
-//! clock; the caller supplies the version.
+//! Renders a policy and a decision into the routing table sidecars apply.
+//! Pure: no I/O, no clock; the caller supplies the version.
 //!
-//! Weights come from the policy here: a class's explicit `weights`, or equal
-//! weights over its first allowed tier that has endpoints. Its fallback chain
-//! lists every endpoint the class may use, by tier order, then price.
+//! Every endpoint of the policy is listed (killed ones too: listing routes
+//! nothing); each class carries the decision's weights and fallback chain,
+//! which never name a killed, drained or forbidden endpoint. An unroutable
+//! class goes out with neither, so the sidecar refuses its requests with a
+//! clear error instead of sending them anywhere.
 
 use switchyard_proto::v1 as pb;
 
 use crate::policy::{Policy, Tier};
+use crate::weights::Decision;
 
 fn tier_pb(t: Tier) -> pb::Tier {
     match t {
@@ -17,7 +20,7 @@ fn tier_pb(t: Tier) -> pb::Tier {
     }
 }
 
-pub fn table(policy: &Policy, version: u64) -> pb::RoutingTable {
+pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingTable {
     let endpoints = policy
         .endpoints
         .iter()
@@ -32,45 +35,23 @@ pub fn table(policy: &Policy, version: u64) -> pb::RoutingTable {
             capacity: e.capacity,
         })
         .collect();
-    let tier_rank = |t: Tier| policy.tiers.iter().position(|x| *x == t);
     let classes = policy
         .classes
         .iter()
         .map(|c| {
-            let mut allowed: Vec<_> = policy
-                .endpoints
-                .iter()
-                .filter(|e| c.allows(e.tier) && tier_rank(e.tier).is_some())
-                .collect();
-            allowed.sort_by(|a, b| {
-                tier_rank(a.tier)
-                    .cmp(&tier_rank(b.tier))
-                    .then(a.price.output_per_mtok.total_cmp(&b.price.output_per_mtok))
-            });
-            let routes = match &c.weights {
-                Some(w) => w
-                    .iter()
-                    .map(|(name, weight)| pb::Route {
-                        endpoint: name.clone(),
-                        weight: *weight,
-                    })
-                    .collect(),
-                None => {
-                    let first = allowed.first().map(|e| e.tier);
-                    allowed
-                        .iter()
-                        .filter(|e| Some(e.tier) == first)
-                        .map(|e| pb::Route {
-                            endpoint: e.name.clone(),
-                            weight: 1.0,
-                        })
-                        .collect()
-                }
-            };
+            let d = decision.classes.get(&c.name);
             pb::RequestClass {
                 name: c.name.clone(),
-                routes,
-                fallback: allowed.iter().map(|e| e.name.clone()).collect(),
+                routes: d.map_or_else(Vec::new, |d| {
+                    d.routes
+                        .iter()
+                        .map(|(endpoint, weight)| pb::Route {
+                            endpoint: endpoint.clone(),
+                            weight: *weight,
+                        })
+                        .collect()
+                }),
+                fallback: d.map_or_else(Vec::new, |d| d.fallback.clone()),
                 ttft_timeout_ms: c.ttft_timeout_ms,
                 deadline_ms: c.deadline_ms,
             }
@@ -87,6 +68,8 @@ pub fn table(policy: &Policy, version: u64) -> pb::RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signals::Signals;
+    use crate::weights::{self, Switches};
 
     const POLICY: &str = "\
 default_class: standard
@@ -100,18 +83,41 @@ classes:
   - { name: offprem, tiers: [burst, fallback] }
 ";
 
+    fn cold(p: &Policy, sw: &Switches) -> Decision {
+        weights::decide(p, sw, &Signals::default(), &Decision::default())
+    }
+
     #[test]
-    fn default_weights_go_to_the_first_tier_and_fallback_follows_tier_then_price() {
+    fn a_cold_table_goes_to_the_first_tier_and_fallback_follows_tier_then_price() {
         let p = Policy::parse(POLICY).unwrap();
-        let t = table(&p, 7);
+        let t = table(&p, &cold(&p, &Switches::default()), 7);
         assert_eq!(t.version, 7);
+        assert_eq!(t.endpoints.len(), 4);
         let std = &t.classes[0];
-        assert_eq!(std.routes.len(), 1);
-        assert_eq!(std.routes[0].endpoint, "o");
+        let heaviest = std
+            .routes
+            .iter()
+            .max_by(|a, b| a.weight.total_cmp(&b.weight))
+            .unwrap();
+        assert_eq!(heaviest.endpoint, "o");
         assert_eq!(std.fallback, ["o", "b1", "b2", "f"]);
         let off = &t.classes[1];
-        let routed: Vec<_> = off.routes.iter().map(|r| r.endpoint.as_str()).collect();
-        assert_eq!(routed, ["b1", "b2"]);
+        assert!(
+            off.routes.iter().all(|r| r.endpoint != "o"),
+            "tier not allowed"
+        );
         assert_eq!(off.fallback, ["b1", "b2", "f"]);
+    }
+
+    #[test]
+    fn killed_endpoints_are_in_no_route_and_no_chain() {
+        let p = Policy::parse(POLICY).unwrap();
+        let mut sw = Switches::default();
+        sw.killed.insert("b1".into(), "test".into());
+        let t = table(&p, &cold(&p, &sw), 8);
+        for c in &t.classes {
+            assert!(c.routes.iter().all(|r| r.endpoint != "b1"));
+            assert!(!c.fallback.contains(&"b1".to_string()));
+        }
     }
 }

@@ -1,8 +1,9 @@
-//! The gRPC services: table discovery (the Watch stream), telemetry intake
-//! and admin status. Stream semantics are those written in the `.proto` files.
+//! The gRPC services sidecars call: table discovery (the Watch stream) and
+//! telemetry intake. Stream semantics are those written in the `.proto`
+//! files. The operators' service is in `admin`.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use switchyard_proto::v1 as pb;
@@ -11,13 +12,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::publish::Published;
+use crate::engine::lock;
+use crate::publish::{now_ms, Published};
 use crate::registry::Registry;
+use crate::signals::Aggregator;
 
 #[derive(Clone)]
 pub struct State {
     pub tables: watch::Receiver<Arc<Published>>,
     pub registry: Arc<Registry>,
+    pub signals: Arc<Mutex<Aggregator>>,
 }
 
 pub struct Discovery(pub State);
@@ -99,39 +103,9 @@ impl pb::telemetry_server::Telemetry for Telemetry {
         let mut reports = 0;
         while let Some(r) = inbound.message().await? {
             self.0.registry.report(&r);
+            lock(&self.0.signals).ingest(&r, now_ms());
             reports += 1;
         }
         Ok(Response::new(pb::ReportSummary { reports }))
-    }
-}
-
-pub struct Admin(pub State);
-
-#[tonic::async_trait]
-impl pb::admin_server::Admin for Admin {
-    async fn status(
-        &self,
-        _req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        let published = self.0.tables.borrow().clone();
-        let endpoints = published
-            .policy
-            .endpoints
-            .iter()
-            .map(|e| {
-                let (requests, errors) = self.0.registry.endpoint_totals(&e.name);
-                pb::EndpointStatus {
-                    name: e.name.clone(),
-                    tier: e.tier.as_str().to_string(),
-                    requests,
-                    errors,
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::StatusResponse {
-            table_version: published.update.table.as_ref().map_or(0, |t| t.version),
-            sidecars: self.0.registry.sidecars(),
-            endpoints,
-        }))
     }
 }

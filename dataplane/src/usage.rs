@@ -131,6 +131,18 @@ impl Usage {
                 ..Default::default()
             })
             .collect();
+        // An endpoint so slow that nothing finished in the window still
+        // reports its in-flight gauge: that is when the control plane most
+        // needs it.
+        for (name, n) in &in_flight {
+            if *n > 0 && !out.iter().any(|w| *w.endpoint == **name) {
+                out.push(pb::EndpointWindow {
+                    endpoint: name.to_string(),
+                    in_flight: *n,
+                    ..Default::default()
+                });
+            }
+        }
         out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
         out
     }
@@ -172,10 +184,13 @@ mod tests {
             .unwrap();
         assert_eq!(h.len(), 4);
         assert!(h.value_at_quantile(1.0) >= 29_900);
-        drop(slot);
-        assert!(
-            u.take_report().is_empty(),
-            "a taken window is not reported twice"
+        let r = u.take_report();
+        assert_eq!(
+            (r.len(), r[0].requests, r[0].in_flight),
+            (1, 0, 1),
+            "a taken window is not reported twice; the gauge still is"
         );
+        drop(slot);
+        assert!(u.take_report().is_empty());
     }
 }

@@ -32,6 +32,10 @@ pub struct MockConfig {
     /// because a proxy's job is to not send them.
     pub models: Vec<String>,
     pub behaviour: Behaviour,
+    /// Requests served at once; more wait in a queue (counted in
+    /// `vllm:num_requests_waiting`), so latency grows under overload as on a
+    /// real GPU server. `None`: no limit.
+    pub capacity: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,9 @@ struct Shared {
     counter: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicU64,
+    /// Requests queued for a slot; part of `in_flight`.
+    waiting: AtomicU64,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     faults: Mutex<HashMap<&'static str, u64>>,
     completions: Mutex<Kept>,
 }
@@ -74,8 +81,13 @@ pub async fn serve(
     config: MockConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MockError> {
+    let slots = config
+        .capacity
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1) as usize)));
     let shared = Arc::new(Shared {
         behaviour: RwLock::new(config.behaviour.clone()),
+        waiting: AtomicU64::new(0),
+        slots,
         config,
         counter: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -132,6 +144,24 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts a request as queued until it gets a slot or its client leaves.
+struct Waiting<'a>(&'a Shared);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for a serving slot when the mock has a capacity; the slot is held
+/// until the answer is complete.
+async fn slot(s: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let sem = s.slots.clone()?;
+    s.waiting.fetch_add(1, Ordering::Relaxed);
+    let _queued = Waiting(s);
+    sem.acquire_owned().await.ok()
+}
+
 async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
     s.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +176,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             )
         }
     };
+    let permit = slot(&s).await;
     let b = s.behaviour.read().expect("behaviour lock").clone();
     let fault = b.fault(fastrand::f64(), req.stream);
     if fault != Fault::None {
@@ -220,6 +251,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
                          "finish_reason": finish, "logprobs": null}],
             "usage": usage,
         });
+        drop(permit);
         drop(guard);
         return Json(body).into_response();
     }
@@ -230,6 +262,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let model = req.model;
     tokio::spawn(async move {
         let _guard = guard;
+        let _permit = permit;
         let chunk = |delta: Value, finish: Value| {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -310,10 +343,17 @@ async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
 /// vLLM's queue gauges, so the control plane can scrape a mock as it would
 /// an on-prem server.
 async fn metrics(State(s): State<Arc<Shared>>) -> String {
-    let in_flight = s.in_flight.load(Ordering::Relaxed);
+    let waiting = s.waiting.load(Ordering::Relaxed);
+    let running = s.in_flight.load(Ordering::Relaxed).saturating_sub(waiting);
+    // A stand-in for KV-cache use: the share of serving slots taken.
+    let kv = s
+        .config
+        .capacity
+        .map_or(0.0, |c| running as f64 / f64::from(c.max(1)));
     format!(
-        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running {in_flight}\n\
-         # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running {running}\n\
+         # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting {waiting}\n\
+         # TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc {kv}\n"
     )
 }
 
@@ -360,6 +400,8 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "tier": s.config.tier,
         "requests": s.requests.load(Ordering::Relaxed),
         "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "waiting": s.waiting.load(Ordering::Relaxed),
+        "capacity": s.config.capacity,
         "faults": faults,
     }))
 }
