@@ -168,8 +168,16 @@ impl Engine {
             }
             v
         } else {
+            let v = self.publisher.version();
+            // Standing (ejections) moved without moving routes: keep it
+            // durable too, so a restart resumes the ejection.
+            if decision != current.decision {
+                if let Err(e) = self.store.save_decision(v, &decision) {
+                    tracing::warn!(error = %e, "could not save the decision");
+                }
+            }
             self.publisher.refresh(decision);
-            self.publisher.version()
+            v
         }
     }
 }
