@@ -56,7 +56,7 @@ enum StreamError {
     #[error("connecting: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("stream: {0}")]
-    Status(#[from] tonic::Status),
+    Status(#[from] Box<tonic::Status>),
     #[error("the control plane closed the stream")]
     Closed,
 }
@@ -128,8 +128,12 @@ impl ControlClient {
             })),
         };
         tx.send(hello).await.map_err(|_| StreamError::Closed)?;
-        let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
-        while let Some(update) = updates.message().await? {
+        let mut updates = client
+            .watch(ReceiverStream::new(rx))
+            .await
+            .map_err(Box::new)?
+            .into_inner();
+        while let Some(update) = updates.message().await.map_err(Box::new)? {
             backoff.reset();
             let version = update.table.as_ref().map_or(0, |t| t.version);
             let reply = match self.apply(&update).await {
@@ -197,7 +201,7 @@ impl ControlClient {
         }
         match call.await {
             Ok(Ok(_)) | Err(_) => Err(StreamError::Closed),
-            Ok(Err(status)) => Err(status.into()),
+            Ok(Err(status)) => Err(Box::new(status).into()),
         }
     }
 }
