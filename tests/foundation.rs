@@ -154,7 +154,7 @@ async fn hot_swap_under_load_loses_nothing_and_moves_all_traffic() {
     let peak = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..64)
-        .map(|w| {
+        .map(|w: usize| {
             let (stack, results, acked, in_flight, peak, stop) = (
                 stack.clone(),
                 results.clone(),
