@@ -188,20 +188,32 @@ pub struct PolicyEndpoint<'a> {
 /// Renders a policy with one class (`standard`, the default) whose weights
 /// are given by endpoint name.
 pub fn policy_yaml(endpoints: &[PolicyEndpoint<'_>], weights: &[(&str, f64)]) -> String {
-    let mut s = String::from("default_class: standard\nendpoints:\n");
-    for e in endpoints {
-        s.push_str(&format!(
-            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{}]\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n",
-            e.name, e.addr, e.tier, e.model, e.price_in, e.price_out
-        ));
-    }
-    s.push_str("classes:\n  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
+    let mut s = String::from("  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
     if !weights.is_empty() {
         s.push_str("    weights:\n");
         for (name, w) in weights {
             s.push_str(&format!("      {name}: {w}\n"));
         }
     }
+    policy_with_classes(endpoints, "standard", &s)
+}
+
+/// Renders a policy with the given endpoints and a `classes:` list written
+/// out in YAML (items indented by two spaces).
+pub fn policy_with_classes(
+    endpoints: &[PolicyEndpoint<'_>],
+    default_class: &str,
+    classes: &str,
+) -> String {
+    let mut s = format!("default_class: {default_class}\nendpoints:\n");
+    for e in endpoints {
+        s.push_str(&format!(
+            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{}]\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n",
+            e.name, e.addr, e.tier, e.model, e.price_in, e.price_out
+        ));
+    }
+    s.push_str("classes:\n");
+    s.push_str(classes);
     s
 }
 

@@ -51,6 +51,15 @@ enum Command {
         /// Largest request body accepted, in bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body_bytes: usize,
+        /// Requests that may wait for a free endpoint before classes are shed.
+        #[arg(long, default_value_t = 64)]
+        queue_limit: usize,
+        /// Consecutive failures that eject an endpoint locally.
+        #[arg(long, default_value_t = 5)]
+        eject_after: u32,
+        /// First local ejection in milliseconds; doubles on each repeat.
+        #[arg(long, default_value_t = 5000)]
+        eject_ms: u64,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -133,14 +142,25 @@ fn main() -> anyhow::Result<()> {
             id,
             threads,
             max_body_bytes,
+            queue_limit,
+            eject_after,
+            eject_ms,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
+            let base = Duration::from_millis(eject_ms);
             switchyard_dataplane::run(switchyard_dataplane::SidecarConfig {
                 control,
                 listen,
                 sidecar_id,
                 threads,
                 max_body_bytes,
+                queue_limit,
+                outlier: switchyard_dataplane::health::OutlierPolicy {
+                    consecutive_failures: eject_after.max(1),
+                    base_ejection: base,
+                    max_ejection: base.saturating_mul(12),
+                    ..Default::default()
+                },
             })?;
             Ok(())
         }

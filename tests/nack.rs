@@ -70,6 +70,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 fallback: vec!["onprem-a".into()],
                 ttft_timeout_ms: 5000,
                 deadline_ms: 30000,
+                ..Default::default()
             }],
             default_class: "standard".into(),
         }),

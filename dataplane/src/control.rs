@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::table::{self, Table};
+use crate::table::{self, Live, Table};
 use crate::usage::Usage;
 
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -66,6 +66,7 @@ pub struct ControlClient {
     pub sidecar_id: String,
     pub tables: Arc<ArcSwapOption<Table>>,
     pub usage: Arc<Usage>,
+    pub live: Arc<Live>,
 }
 
 impl ControlClient {
@@ -163,7 +164,7 @@ impl ControlClient {
     async fn apply(&self, update: &pb::TableUpdate) -> Result<(), table::TableError> {
         let t = update.table.as_ref().ok_or(table::TableError::Missing)?;
         let addrs = table::resolve(t).await?;
-        let compiled = Table::compile(t, &addrs)?;
+        let compiled = Table::compile(t, &addrs, &self.live)?;
         self.tables.store(Some(Arc::new(compiled)));
         Ok(())
     }
@@ -192,7 +193,7 @@ impl ControlClient {
                 sidecar_id: self.sidecar_id.clone(),
                 table_version: self.tables.load().as_ref().map_or(0, |t| t.version),
                 window_ms: REPORT_EVERY.as_millis() as u32,
-                endpoints: self.usage.take_report(),
+                endpoints: self.usage.take_report(&self.live.endpoints),
             };
             if tx.send(report).await.is_err() {
                 break;
