@@ -165,7 +165,15 @@ async fn main() -> anyhow::Result<()> {
     let dir = cluster::run_dir("bench")?;
     let (_mock, mock) = Proc::spawn_announced(
         bin,
-        &args(&["mock", "--name", "bench", "--model", "m", "--output-tokens", "16"]),
+        &args(&[
+            "mock",
+            "--name",
+            "bench",
+            "--model",
+            "m",
+            "--output-tokens",
+            "16",
+        ]),
         &dir,
         "mock",
     )
@@ -182,7 +190,13 @@ async fn main() -> anyhow::Result<()> {
     cluster::write_atomic(&policy, &cluster::policy_yaml(&[ep], &[]))?;
     let (_control, control) = Proc::spawn_announced(
         bin,
-        &args(&["control", "--listen", "127.0.0.1:0", "--policy", policy.to_str().unwrap()]),
+        &args(&[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            policy.to_str().unwrap(),
+        ]),
         &dir,
         "control",
     )
@@ -201,7 +215,12 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(512)
         .http1_only()
         .build()?;
-    cluster::wait_ok(&http, &format!("http://{sidecar_addr}/readyz"), Duration::from_secs(30)).await?;
+    cluster::wait_ok(
+        &http,
+        &format!("http://{sidecar_addr}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await?;
 
     let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let path = "/v1/chat/completions";
@@ -233,7 +252,12 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
             workers = children(pids[0]);
         }
-        cluster::wait_ok(&http, &format!("http://{addr}/health"), Duration::from_secs(10)).await?;
+        cluster::wait_ok(
+            &http,
+            &format!("http://{addr}/health"),
+            Duration::from_secs(10),
+        )
+        .await?;
         targets.push(Target {
             name: "nginx",
             url: format!("http://{addr}{path}"),

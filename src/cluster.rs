@@ -188,7 +188,8 @@ pub struct PolicyEndpoint<'a> {
 /// Renders a policy with one class (`standard`, the default) whose weights
 /// are given by endpoint name.
 pub fn policy_yaml(endpoints: &[PolicyEndpoint<'_>], weights: &[(&str, f64)]) -> String {
-    let mut s = String::from("  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
+    let mut s =
+        String::from("  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
     if !weights.is_empty() {
         s.push_str("    weights:\n");
         for (name, w) in weights {

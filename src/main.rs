@@ -60,6 +60,9 @@ enum Command {
         /// First local ejection in milliseconds; doubles on each repeat.
         #[arg(long, default_value_t = 5000)]
         eject_ms: u64,
+        /// Failure rate over 10 s (and 10+ requests) that ejects; above 1 never.
+        #[arg(long, default_value_t = 0.5)]
+        eject_failure_rate: f64,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -145,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             queue_limit,
             eject_after,
             eject_ms,
+            eject_failure_rate,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
             let base = Duration::from_millis(eject_ms);
@@ -159,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                     consecutive_failures: eject_after.max(1),
                     base_ejection: base,
                     max_ejection: base.saturating_mul(12),
+                    failure_rate: eject_failure_rate,
                     ..Default::default()
                 },
             })?;

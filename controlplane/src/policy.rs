@@ -266,7 +266,11 @@ impl Policy {
                 }
             }
             if let Some(d) = &c.degrade {
-                let set = [d.model.is_some(), d.max_tokens.is_some(), d.reject.is_some()];
+                let set = [
+                    d.model.is_some(),
+                    d.max_tokens.is_some(),
+                    d.reject.is_some(),
+                ];
                 if set.iter().filter(|x| **x).count() != 1 {
                     return err(
                         at("degrade"),

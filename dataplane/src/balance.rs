@@ -117,7 +117,13 @@ mod tests {
         let c = WeightedChoice::new([(0, 0.0), (1, 1.0), (2, 3.0)]).unwrap();
         for i in 0..100 {
             for j in 0..100 {
-                let p = pick_p2c(&c, i as f64 / 100.0, j as f64 / 100.0, |_| true, |k| k as f64);
+                let p = pick_p2c(
+                    &c,
+                    i as f64 / 100.0,
+                    j as f64 / 100.0,
+                    |_| true,
+                    |k| k as f64,
+                );
                 assert_ne!(p, Some(0));
             }
         }

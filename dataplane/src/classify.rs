@@ -41,7 +41,11 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest<'_>, ClassifyError> {
 
 /// Rewrites a request for a degradation: another model, or `max_tokens`
 /// capped. Only degraded requests pay for this full parse.
-pub fn rewrite(body: &[u8], model: Option<&str>, cap: Option<u32>) -> Result<bytes::Bytes, ClassifyError> {
+pub fn rewrite(
+    body: &[u8],
+    model: Option<&str>,
+    cap: Option<u32>,
+) -> Result<bytes::Bytes, ClassifyError> {
     let mut v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| ClassifyError::Malformed(e.to_string()))?;
     let obj = v
@@ -54,7 +58,10 @@ pub fn rewrite(body: &[u8], model: Option<&str>, cap: Option<u32>) -> Result<byt
         for key in ["max_tokens", "max_completion_tokens"] {
             let current = obj.get(key).and_then(serde_json::Value::as_u64);
             if key == "max_tokens" || current.is_some() {
-                obj.insert(key.into(), current.map_or(cap.into(), |c| c.min(cap.into())).into());
+                obj.insert(
+                    key.into(),
+                    current.map_or(cap.into(), |c| c.min(cap.into())).into(),
+                );
             }
         }
     }
@@ -100,9 +107,17 @@ mod tests {
 
     #[test]
     fn degradation_rewrites_model_and_caps_tokens() {
-        let b = rewrite(br#"{"model":"big","max_tokens":900,"messages":[]}"#, Some("small"), Some(100)).unwrap();
+        let b = rewrite(
+            br#"{"model":"big","max_tokens":900,"messages":[]}"#,
+            Some("small"),
+            Some(100),
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!((v["model"].as_str(), v["max_tokens"].as_u64()), (Some("small"), Some(100)));
+        assert_eq!(
+            (v["model"].as_str(), v["max_tokens"].as_u64()),
+            (Some("small"), Some(100))
+        );
         let b = rewrite(br#"{"model":"m","max_tokens":50}"#, None, Some(100)).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["max_tokens"], 50);

@@ -117,7 +117,9 @@ impl Metrics {
 }
 
 pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -135,7 +137,15 @@ mod tests {
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("# TYPE switchyard_requests_total counter\n"));
-        assert!(out.contains("switchyard_requests_total{class=\"std\",endpoint=\"a\\\"b\",code=\"200\"} 2\n"), "{out}");
-        assert!(out.contains("switchyard_degraded_total{class=\"std\",action=\"reject\"} 1\n"), "{out}");
+        assert!(
+            out.contains(
+                "switchyard_requests_total{class=\"std\",endpoint=\"a\\\"b\",code=\"200\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("switchyard_degraded_total{class=\"std\",action=\"reject\"} 1\n"),
+            "{out}"
+        );
     }
 }

@@ -110,19 +110,30 @@ impl Sidecar {
         let mut out = String::with_capacity(4096);
         self.metrics.render(&mut out);
         let version = self.tables.load().as_ref().map_or(0, |t| t.version);
-        let _ = writeln!(out, "# TYPE switchyard_table_version gauge\nswitchyard_table_version {version}");
+        let _ = writeln!(
+            out,
+            "# TYPE switchyard_table_version gauge\nswitchyard_table_version {version}"
+        );
         let now = std::time::Instant::now();
         let mut states = self.live.endpoints.all();
         states.sort_by(|a, b| a.0.cmp(&b.0));
         out.push_str("# TYPE switchyard_endpoint_in_flight gauge\n");
         for (name, s) in &states {
-            let _ = writeln!(out, "switchyard_endpoint_in_flight{{endpoint=\"{}\"}} {}",
-                crate::metrics::escape(name), s.in_flight.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "switchyard_endpoint_in_flight{{endpoint=\"{}\"}} {}",
+                crate::metrics::escape(name),
+                s.in_flight.load(Ordering::Relaxed)
+            );
         }
         out.push_str("# TYPE switchyard_endpoint_ejected gauge\n");
         for (name, s) in &states {
-            let _ = writeln!(out, "switchyard_endpoint_ejected{{endpoint=\"{}\"}} {}",
-                crate::metrics::escape(name), u8::from(s.ejected(now)));
+            let _ = writeln!(
+                out,
+                "switchyard_endpoint_ejected{{endpoint=\"{}\"}} {}",
+                crate::metrics::escape(name),
+                u8::from(s.ejected(now))
+            );
         }
         Bytes::from(out)
     }
@@ -238,10 +249,14 @@ impl Sidecar {
                 .inc(Counter::Degraded, Some(&class.name), None, d.label());
             let rewritten = match d {
                 Degrade::Reject(reason) => {
-                    let e = ApiError::new(503, "server_error", format!(
-                        "the preferred endpoints of class `{}` are unhealthy: {reason}",
-                        class.name
-                    ))
+                    let e = ApiError::new(
+                        503,
+                        "server_error",
+                        format!(
+                            "the preferred endpoints of class `{}` are unhealthy: {reason}",
+                            class.name
+                        ),
+                    )
                     .code("degraded_reject");
                     return self.error(session, ctx, e).await;
                 }
@@ -256,7 +271,11 @@ impl Sidecar {
             };
             match rewritten {
                 Ok(b) => body = b,
-                Err(e) => return self.error(session, ctx, ApiError::invalid(e.to_string())).await,
+                Err(e) => {
+                    return self
+                        .error(session, ctx, ApiError::invalid(e.to_string()))
+                        .await
+                }
             }
         }
 
@@ -276,11 +295,15 @@ impl Sidecar {
                 .wait(class.priority, table.max_priority, queue_until)
                 .await
             {
-                self.metrics.inc(Counter::Sheds, Some(&class.name), None, "");
+                self.metrics
+                    .inc(Counter::Sheds, Some(&class.name), None, "");
                 let mut e = ApiError::new(
                     429,
                     "rate_limit_error",
-                    format!("every endpoint for class `{}` is at capacity: {why}", class.name),
+                    format!(
+                        "every endpoint for class `{}` is at capacity: {why}",
+                        class.name
+                    ),
                 )
                 .code("overloaded");
                 e.retry_after = Some(1);
@@ -339,7 +362,14 @@ impl Sidecar {
                 let ep = &table.endpoints[idx];
                 ctx.endpoint = Some(ep.name.clone());
                 let step = self
-                    .relay(session, ctx, ep, opened, deadline, class.inter_token_timeout)
+                    .relay(
+                        session,
+                        ctx,
+                        ep,
+                        opened,
+                        deadline,
+                        class.inter_token_timeout,
+                    )
                     .await;
                 drop(slot);
                 return match step {
@@ -366,13 +396,16 @@ impl Sidecar {
             };
             if !stale {
                 if !lock(&class.retry).try_retry(Instant::now().into_std()) {
-                    self.metrics.inc(Counter::RetryBudgetExhausted, Some(&class.name), None, "");
+                    self.metrics
+                        .inc(Counter::RetryBudgetExhausted, Some(&class.name), None, "");
                     break;
                 }
                 let to = &table.endpoints[candidate].name;
-                self.metrics.inc(Counter::Retries, Some(&class.name), Some(to), "");
+                self.metrics
+                    .inc(Counter::Retries, Some(&class.name), Some(to), "");
                 if candidate != *failed_idx {
-                    self.metrics.inc(Counter::Fallbacks, Some(&class.name), Some(to), "");
+                    self.metrics
+                        .inc(Counter::Fallbacks, Some(&class.name), Some(to), "");
                 }
             }
             next = candidate;
@@ -384,9 +417,16 @@ impl Sidecar {
                 format!("no first token within {} ms", d.as_millis()),
             )
             .code("upstream_timeout"),
-            Some(AttemptError::Status { status: 429, retry_after }) => {
-                let mut e = ApiError::new(429, "rate_limit_error", "every endpoint tried is rate limited")
-                    .code("upstream_rate_limited");
+            Some(AttemptError::Status {
+                status: 429,
+                retry_after,
+            }) => {
+                let mut e = ApiError::new(
+                    429,
+                    "rate_limit_error",
+                    "every endpoint tried is rate limited",
+                )
+                .code("upstream_rate_limited");
                 e.retry_after = Some(retry_after.map_or(1, |d| d.as_secs().max(1)));
                 e
             }
@@ -437,7 +477,8 @@ impl Sidecar {
                 .throttle(now + retry_after.unwrap_or(Duration::from_secs(1)));
         }
         if let Some(d) = ep.state.failure(took, now, &self.outlier) {
-            self.metrics.inc(Counter::Ejections, None, Some(&ep.name), "");
+            self.metrics
+                .inc(Counter::Ejections, None, Some(&ep.name), "");
             tracing::warn!(endpoint = %ep.name, for_ms = d.as_millis() as u64, error = %e,
                 "endpoint ejected locally");
         }
@@ -477,7 +518,8 @@ impl Sidecar {
         ctx.attempts += 1;
         let class = ctx.class.clone();
         let second_name = &table.endpoints[second].name;
-        self.metrics.inc(Counter::Hedges, class.as_ref(), Some(second_name), "");
+        self.metrics
+            .inc(Counter::Hedges, class.as_ref(), Some(second_name), "");
         let hedge = attempt.run(self, second);
         tokio::pin!(hedge);
         let cancelled = |loser: usize| {
@@ -602,7 +644,8 @@ impl Sidecar {
             None => ep.state.success(ttft, now, &self.outlier),
             Some(_) => {
                 if let Some(d) = ep.state.failure(outcome.latency, now, &self.outlier) {
-                    self.metrics.inc(Counter::Ejections, None, Some(&ep.name), "");
+                    self.metrics
+                        .inc(Counter::Ejections, None, Some(&ep.name), "");
                     tracing::warn!(endpoint = %ep.name, for_ms = d.as_millis() as u64,
                         "endpoint ejected locally after a broken stream");
                 }
@@ -719,8 +762,15 @@ impl<'a> Attempt<'a> {
                 Duration::ZERO,
             )
         })?;
-        match forward::open(&sidecar.connector, ep, req, self.body.clone(), start, ttft_deadline)
-            .await
+        match forward::open(
+            &sidecar.connector,
+            ep,
+            req,
+            self.body.clone(),
+            start,
+            ttft_deadline,
+        )
+        .await
         {
             Ok(o) => Ok((o, slot)),
             Err(e) => Err((e, start.elapsed())),

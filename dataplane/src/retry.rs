@@ -24,7 +24,11 @@ pub struct RetryBudget {
 impl RetryBudget {
     pub fn new(ratio: f64, min_per_second: u32) -> Self {
         Self {
-            ratio: if ratio.is_finite() { ratio.max(0.0) } else { 0.0 },
+            ratio: if ratio.is_finite() {
+                ratio.max(0.0)
+            } else {
+                0.0
+            },
             min_per_second,
             buckets: [(0, 0); WINDOW_SECS],
             epoch: None,
@@ -34,7 +38,11 @@ impl RetryBudget {
 
     /// Takes new limits from a new table, keeping the counted history.
     pub fn configure(&mut self, ratio: f64, min_per_second: u32) {
-        self.ratio = if ratio.is_finite() { ratio.max(0.0) } else { 0.0 };
+        self.ratio = if ratio.is_finite() {
+            ratio.max(0.0)
+        } else {
+            0.0
+        };
         self.min_per_second = min_per_second;
     }
 
@@ -60,11 +68,11 @@ impl RetryBudget {
     /// Takes one retry from the budget if there is one left.
     pub fn try_retry(&mut self, now: Instant) -> bool {
         let i = self.advance(now);
-        let (requests, retries) = self
-            .buckets
-            .iter()
-            .fold((0u64, 0u64), |(a, b), (r, t)| (a + u64::from(*r), b + u64::from(*t)));
-        let allowed = f64::from(self.min_per_second) * WINDOW_SECS as f64 + self.ratio * requests as f64;
+        let (requests, retries) = self.buckets.iter().fold((0u64, 0u64), |(a, b), (r, t)| {
+            (a + u64::from(*r), b + u64::from(*t))
+        });
+        let allowed =
+            f64::from(self.min_per_second) * WINDOW_SECS as f64 + self.ratio * requests as f64;
         if (retries as f64) + 1.0 > allowed {
             return false;
         }
@@ -117,7 +125,10 @@ mod tests {
         (0..10).for_each(|_| b.request(t));
         assert_eq!((0..10).filter(|_| b.try_retry(t)).count(), 5);
         let later = t + Duration::from_secs(11);
-        assert!(!b.try_retry(later), "nothing left once the requests aged out");
+        assert!(
+            !b.try_retry(later),
+            "nothing left once the requests aged out"
+        );
         (0..4).for_each(|_| b.request(later));
         assert_eq!((0..10).filter(|_| b.try_retry(later)).count(), 2);
     }

@@ -17,12 +17,15 @@ pub enum Shed {
     QueueFull,
     #[error("no capacity freed up in time")]
     TimedOut,
+    #[error("a higher-priority request took its place in the queue")]
+    Evicted,
 }
 
 struct Waiter {
     priority: u32,
     seq: u64,
-    wake: oneshot::Sender<()>,
+    /// `true`: go; `false`: shed.
+    wake: oneshot::Sender<bool>,
 }
 
 impl PartialEq for Waiter {
@@ -74,7 +77,24 @@ impl Admission {
         let rx = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.0.len() >= share(self.limit, priority, max_priority) {
-                return Err(Shed::QueueFull);
+                // Full for this priority: take the place of the newest
+                // waiter of a lower priority, if there is one.
+                let victim =
+                    q.0.iter()
+                        .filter(|w| w.priority < priority)
+                        .min()
+                        .map(|w| (w.priority, w.seq));
+                let Some(victim) = victim else {
+                    return Err(Shed::QueueFull);
+                };
+                let rest: Vec<Waiter> = std::mem::take(&mut q.0).into_vec();
+                for w in rest {
+                    if (w.priority, w.seq) == victim {
+                        let _ = w.wake.send(false);
+                    } else {
+                        q.0.push(w);
+                    }
+                }
             }
             let (tx, rx) = oneshot::channel();
             q.1 += 1;
@@ -88,7 +108,8 @@ impl Admission {
             rx
         };
         match tokio::time::timeout_at(until, rx).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(Shed::Evicted),
             // Timed out: our entry stays until popped, and a wake sent to
             // it then is passed on (see `freed`).
             _ => Err(Shed::TimedOut),
@@ -102,7 +123,7 @@ impl Admission {
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(w) = q.0.pop() {
-            if w.wake.send(()).is_ok() {
+            if w.wake.send(true).is_ok() {
                 break;
             }
         }
@@ -152,6 +173,39 @@ mod tests {
         for l in low {
             assert_eq!(l.await.unwrap(), Ok(()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_higher_priority_evicts_a_lower_waiter() {
+        let a = Arc::new(Admission::new(2));
+        let far = Instant::now() + Duration::from_secs(30);
+        let lows: Vec<_> = (0..2)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.wait(0, 1, far).await })
+            })
+            .collect();
+        while a.waiting.load(Ordering::Acquire) < 1 {
+            tokio::task::yield_now().await;
+        }
+        // The low share of a queue of 2 is 1: the second low is refused.
+        let a2 = a.clone();
+        let high = tokio::spawn(async move { a2.wait(1, 1, far).await });
+        while !high.is_finished() && a.waiting.load(Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        let a3 = a.clone();
+        let high2 = tokio::spawn(async move { a3.wait(1, 1, far).await });
+        let mut lows_out = Vec::new();
+        for l in lows {
+            lows_out.push(l.await.unwrap());
+        }
+        lows_out.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(lows_out, [Err(Shed::Evicted), Err(Shed::QueueFull)]);
+        a.freed();
+        a.freed();
+        assert_eq!(high.await.unwrap(), Ok(()));
+        assert_eq!(high2.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]

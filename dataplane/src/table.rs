@@ -77,7 +77,11 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn at_capacity(&self) -> bool {
         self.capacity > 0
-            && self.state.in_flight.load(std::sync::atomic::Ordering::Relaxed) >= self.capacity
+            && self
+                .state
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= self.capacity
     }
 }
 
@@ -306,7 +310,10 @@ impl Table {
                 None => None,
                 Some(pb::degrade::Action::Model(m)) => {
                     if !models.contains(m) {
-                        return Err(class_err(&c.name, format!("degrade model {m:?} is not served")));
+                        return Err(class_err(
+                            &c.name,
+                            format!("degrade model {m:?} is not served"),
+                        ));
                     }
                     Some(Degrade::Model(m.clone()))
                 }
@@ -314,7 +321,10 @@ impl Table {
                 Some(pb::degrade::Action::Reject(r)) => Some(Degrade::Reject(r.clone())),
             };
             if !c.retry_ratio.is_finite() || c.retry_ratio < 0.0 {
-                return Err(class_err(&c.name, format!("invalid retry ratio {}", c.retry_ratio)));
+                return Err(class_err(
+                    &c.name,
+                    format!("invalid retry ratio {}", c.retry_ratio),
+                ));
             }
             classes.insert(
                 c.name.clone(),

@@ -59,16 +59,20 @@ impl Mock {
         );
     }
 
-    pub async fn requests(&self, http: &reqwest::Client) -> u64 {
-        let v: serde_json::Value = http
-            .get(self.url("/admin/stats"))
+    pub async fn stats(&self, http: &reqwest::Client) -> serde_json::Value {
+        http.get(self.url("/admin/stats"))
             .send()
             .await
             .expect("mock stats")
             .json()
             .await
-            .expect("stats json");
-        v["requests"].as_u64().expect("requests count")
+            .expect("stats json")
+    }
+
+    pub async fn requests(&self, http: &reqwest::Client) -> u64 {
+        self.stats(http).await["requests"]
+            .as_u64()
+            .expect("requests count")
     }
 }
 
@@ -114,13 +118,24 @@ impl Stack {
         weights: &[(&str, f64)],
         sidecar_extra: &[&str],
     ) -> Stack {
+        Self::start_with(label, mocks, |m| policy_text(m, weights), sidecar_extra).await
+    }
+
+    /// Like `start`, with the policy written by `policy` from the started mocks.
+    pub async fn start_with(
+        label: &str,
+        mocks: &[(&str, &str, &[&str])],
+        policy: impl FnOnce(&[Mock]) -> String,
+        sidecar_extra: &[&str],
+    ) -> Stack {
         let dir = cluster::run_dir(label).expect("run dir");
         let mut started = Vec::new();
         for (name, tier, extra) in mocks {
             started.push(Mock::start(&dir, name, tier, extra).await);
         }
+        let text = policy(&started);
         let policy = dir.join("policy.yaml");
-        cluster::write_atomic(&policy, &policy_text(&started, weights)).expect("policy");
+        cluster::write_atomic(&policy, &text).expect("policy");
         let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
         let port = cluster::free_port().expect("port");
         let sidecar_addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -172,6 +187,23 @@ impl Stack {
     /// returns that version.
     pub async fn wait_acked_above(&self, above: u64) -> u64 {
         wait_acked_above(self.control_addr, above).await
+    }
+
+    /// The sidecar's `/metrics` value for a series (name and labels as
+    /// rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
     }
 
     pub fn chat_body(&self, stream: bool) -> serde_json::Value {
