@@ -12,11 +12,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use switchyard::cluster::{self, PolicyEndpoint, Proc};
+use switchyard::loadgen;
 use tokio::time::Instant;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -103,52 +104,16 @@ async fn phase(
     rate: u64,
     length: Duration,
 ) {
-    let results = Arc::new(Mutex::new(Vec::<Option<u64>>::new()));
     let cpu0: f64 = target.pids.iter().map(|p| cpu_seconds(*p)).sum();
-    let start = Instant::now();
-    let n = rate * length.as_millis() as u64 / 1000;
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        // Open loop: each request leaves at its scheduled time whatever the
-        // previous ones did, and its latency counts from that time.
-        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-        tokio::time::sleep_until(due).await;
-        let (http, url, body, results) = (
-            http.clone(),
-            target.url.clone(),
-            body.clone(),
-            results.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let ok = async {
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.to_vec())
-                    .send()
-                    .await
-                    .ok()?;
-                let good = r.status().is_success();
-                r.bytes().await.ok()?;
-                good.then_some(())
-            }
-            .await;
-            let micros = due.elapsed().as_micros() as u64;
-            results.lock().unwrap().push(ok.map(|_| micros));
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    let samples = loadgen::open_loop(http, &target.url, body.clone(), rate, length).await;
     let cpu1: f64 = target.pids.iter().map(|p| cpu_seconds(*p)).sum();
     target.cpu += cpu1 - cpu0;
-    for r in results.lock().unwrap().iter() {
+    for s in samples {
         target.requests += 1;
-        match r {
-            Some(us) => {
-                let _ = target.latency.record((*us).max(1));
-            }
-            None => target.errors += 1,
+        if s.ok() {
+            let _ = target.latency.record((s.latency.as_micros() as u64).max(1));
+        } else {
+            target.errors += 1;
         }
     }
 }
