@@ -297,6 +297,9 @@ async fn main() -> anyhow::Result<()> {
             t.latency.value_at_quantile(0.99) as i64 - direct.value_at_quantile(0.99) as i64,
         );
     }
-    drop(nginx);
+    // SIGTERM: nginx's master stops its workers, which a SIGKILL would orphan.
+    if let Some((mut p, ..)) = nginx {
+        p.stop(Duration::from_secs(5)).await?;
+    }
     Ok(())
 }
