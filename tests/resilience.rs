@@ -468,7 +468,7 @@ async fn hedging_takes_the_first_answer_and_cancels_the_loser() {
             &THREE,
             |m| {
                 policy(m, "    hedge: true\n", None)
-                    .replace("ttft_timeout_ms: 500", "ttft_timeout_ms: 30000")
+                    .replace("ttft_timeout_ms: 500", "ttft_timeout_ms: 2000")
                     .replace("deadline_ms: 4000", "deadline_ms: 60000")
             },
             &[],
