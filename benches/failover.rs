@@ -6,7 +6,6 @@
 //! `cargo bench --bench failover`; knobs: `SWITCHYARD_BENCH_RATE` (default
 //! 1000), `SWITCHYARD_BENCH_SECONDS` (default 6; the kill is at a third).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,42 +82,13 @@ async fn main() -> anyhow::Result<()> {
     ];
     let policy = dir.join("policy.yaml");
     cluster::write_atomic(&policy, &cluster::policy_yaml(&eps, &[("onprem-a", 1.0)]))?;
-    let (_control, control) = Proc::spawn_announced(
-        bin,
-        &args(&[
-            "control",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            policy.to_str().unwrap(),
-        ]),
-        &dir,
-        "control",
-    )
-    .await?;
-    let sidecar_addr: SocketAddr = ([127, 0, 0, 1], cluster::free_port()?).into();
-    let _sidecar = Proc::spawn(
-        bin,
-        &args(&[
-            "sidecar",
-            "--control",
-            &control.to_string(),
-            "--listen",
-            &sidecar_addr.to_string(),
-        ]),
-        &dir,
-        "sidecar",
-    )?;
+    let (_control, control) =
+        cluster::start_control(bin, &dir, &policy, "127.0.0.1:0", &[]).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .http1_only()
         .build()?;
-    cluster::wait_ok(
-        &http,
-        &format!("http://{sidecar_addr}/readyz"),
-        Duration::from_secs(30),
-    )
-    .await?;
+    let (_sidecar, sidecar_addr) = cluster::start_sidecar(bin, &dir, control, &[], &http).await?;
     let body = Arc::new(serde_json::to_vec(&serde_json::json!({
         "model": "m",
         "messages": [{"role": "user", "content": "failover bench"}],

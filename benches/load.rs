@@ -153,39 +153,14 @@ async fn main() -> anyhow::Result<()> {
         price_out: 0.0,
     };
     cluster::write_atomic(&policy, &cluster::policy_yaml(&[ep], &[]))?;
-    let (_control, control) = Proc::spawn_announced(
-        bin,
-        &args(&[
-            "control",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            policy.to_str().unwrap(),
-        ]),
-        &dir,
-        "control",
-    )
-    .await?;
-    let sidecar_addr: SocketAddr = ([127, 0, 0, 1], cluster::free_port()?).into();
-    let mut sidecar_args = args(&[
-        "sidecar",
-        "--control",
-        &control.to_string(),
-        "--listen",
-        &sidecar_addr.to_string(),
-    ]);
-    sidecar_args.extend(sidecar_extra.split_whitespace().map(str::to_string));
-    let sidecar = Proc::spawn(bin, &sidecar_args, &dir, "sidecar")?;
+    let (_control, control) =
+        cluster::start_control(bin, &dir, &policy, "127.0.0.1:0", &[]).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .http1_only()
         .build()?;
-    cluster::wait_ok(
-        &http,
-        &format!("http://{sidecar_addr}/readyz"),
-        Duration::from_secs(30),
-    )
-    .await?;
+    let extra: Vec<&str> = sidecar_extra.split_whitespace().collect();
+    let (sidecar, sidecar_addr) = cluster::start_sidecar(bin, &dir, control, &extra, &http).await?;
 
     let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let path = "/v1/chat/completions";

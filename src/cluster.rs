@@ -164,6 +164,59 @@ pub async fn wait_ok(client: &reqwest::Client, url: &str, within: Duration) -> a
     bail!("{url} not ready within {within:?}: {last}")
 }
 
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Starts a control plane on `listen` (port 0: any free one) serving
+/// `policy`, with `extra` flags; returns it and the address it bound.
+pub async fn start_control(
+    bin: &Path,
+    dir: &Path,
+    policy: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let policy = policy.to_str().context("policy path is not UTF-8")?;
+    let mut a = strings(&["control", "--listen", listen, "--policy", policy]);
+    a.extend(strings(extra));
+    Proc::spawn_announced(bin, &a, dir, "control").await
+}
+
+/// Starts a sidecar on a free loopback port, watching `control`, with
+/// `extra` flags, and waits until it applied a table.
+pub async fn start_sidecar(
+    bin: &Path,
+    dir: &Path,
+    control: SocketAddr,
+    extra: &[&str],
+    http: &reqwest::Client,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut a = strings(&[
+        "sidecar",
+        "--control",
+        &control.to_string(),
+        "--listen",
+        &addr.to_string(),
+    ]);
+    a.extend(strings(extra));
+    let proc = Proc::spawn(bin, &a, dir, "sidecar")?;
+    if let Err(e) = wait_ok(
+        http,
+        &format!("http://{addr}/readyz"),
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        bail!(
+            "sidecar not ready: {e}\n--- sidecar log:\n{}",
+            proc.log_text()
+        );
+    }
+    Ok((proc, addr))
+}
+
 /// A fresh directory for one run's policy and logs.
 pub fn run_dir(label: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(

@@ -64,6 +64,7 @@ fn downstream_err(e: Box<Error>) -> Step {
 }
 
 impl Sidecar {
+    /// Writes a whole response the sidecar answers itself.
     async fn respond(
         &self,
         session: &mut Session,
@@ -72,10 +73,26 @@ impl Sidecar {
         content_type: &str,
         body: Bytes,
     ) -> Result<()> {
+        self.respond_after(session, ctx, status, content_type, body, None)
+            .await
+    }
+
+    async fn respond_after(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+        retry_after: Option<u64>,
+    ) -> Result<()> {
         ctx.status = status;
         let mut h = ResponseHeader::build(status, Some(6))?;
         h.insert_header("content-type", content_type)?;
         h.insert_header("content-length", body.len())?;
+        if let Some(s) = retry_after {
+            h.insert_header("retry-after", s.to_string())?;
+        }
         if ctx.attempts > 0 {
             h.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
         }
@@ -88,21 +105,15 @@ impl Sidecar {
 
     async fn error(&self, session: &mut Session, ctx: &mut RequestCtx, e: ApiError) -> Result<()> {
         let body = e.body();
-        ctx.status = e.status;
-        let mut h = ResponseHeader::build(e.status, Some(6))?;
-        h.insert_header("content-type", "application/json")?;
-        h.insert_header("content-length", body.len())?;
-        if let Some(s) = e.retry_after {
-            h.insert_header("retry-after", s.to_string())?;
-        }
-        if ctx.attempts > 0 {
-            h.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
-        }
-        if let Some(d) = ctx.degraded {
-            h.insert_header("x-switchyard-degraded", d)?;
-        }
-        session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(body), true).await
+        self.respond_after(
+            session,
+            ctx,
+            e.status,
+            "application/json",
+            body,
+            e.retry_after,
+        )
+        .await
     }
 
     fn render_metrics(&self) -> Bytes {

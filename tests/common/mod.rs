@@ -137,24 +137,17 @@ impl Stack {
         let policy = dir.join("policy.yaml");
         cluster::write_atomic(&policy, &text).expect("policy");
         let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
-        let port = cluster::free_port().expect("port");
-        let sidecar_addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut a = args(&[
-            "sidecar",
-            "--control",
-            &control_addr.to_string(),
-            "--listen",
-            &sidecar_addr.to_string(),
-            "--id",
-            label,
-        ]);
-        a.extend(args(sidecar_extra));
-        let sidecar = Proc::spawn(bin(), &a, &dir, "sidecar").expect("sidecar starts");
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(128)
             .build()
             .expect("http client");
-        let stack = Stack {
+        let mut extra = vec!["--id", label];
+        extra.extend_from_slice(sidecar_extra);
+        let (sidecar, sidecar_addr) =
+            cluster::start_sidecar(bin(), &dir, control_addr, &extra, &http)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        Stack {
             dir,
             mocks: started,
             policy,
@@ -163,16 +156,7 @@ impl Stack {
             sidecar,
             sidecar_addr,
             http,
-        };
-        let ready =
-            cluster::wait_ok(&stack.http, &stack.url("/readyz"), Duration::from_secs(60)).await;
-        if let Err(e) = ready {
-            panic!(
-                "sidecar not ready: {e}\n--- sidecar log:\n{}",
-                stack.sidecar.log_text()
-            );
         }
-        stack
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -237,16 +221,7 @@ impl Stack {
 }
 
 pub async fn start_control(dir: &Path, policy: &Path, listen: &str) -> (Proc, SocketAddr) {
-    let a = args(&[
-        "control",
-        "--listen",
-        listen,
-        "--reload-ms",
-        "100",
-        "--policy",
-        policy.to_str().expect("utf-8 path"),
-    ]);
-    Proc::spawn_announced(bin(), &a, dir, "control")
+    cluster::start_control(bin(), dir, policy, listen, &["--reload-ms", "100"])
         .await
         .expect("control plane starts")
 }
