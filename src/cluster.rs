@@ -164,6 +164,59 @@ pub async fn wait_ok(client: &reqwest::Client, url: &str, within: Duration) -> a
     bail!("{url} not ready within {within:?}: {last}")
 }
 
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Starts a control plane on `listen` (port 0: any free one) serving
+/// `policy`, with `extra` flags; returns it and the address it bound.
+pub async fn start_control(
+    bin: &Path,
+    dir: &Path,
+    policy: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let policy = policy.to_str().context("policy path is not UTF-8")?;
+    let mut a = strings(&["control", "--listen", listen, "--policy", policy]);
+    a.extend(strings(extra));
+    Proc::spawn_announced(bin, &a, dir, "control").await
+}
+
+/// Starts a sidecar on a free loopback port, watching `control`, with
+/// `extra` flags, and waits until it applied a table.
+pub async fn start_sidecar(
+    bin: &Path,
+    dir: &Path,
+    control: SocketAddr,
+    extra: &[&str],
+    http: &reqwest::Client,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut a = strings(&[
+        "sidecar",
+        "--control",
+        &control.to_string(),
+        "--listen",
+        &addr.to_string(),
+    ]);
+    a.extend(strings(extra));
+    let proc = Proc::spawn(bin, &a, dir, "sidecar")?;
+    if let Err(e) = wait_ok(
+        http,
+        &format!("http://{addr}/readyz"),
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        bail!(
+            "sidecar not ready: {e}\n--- sidecar log:\n{}",
+            proc.log_text()
+        );
+    }
+    Ok((proc, addr))
+}
+
 /// A fresh directory for one run's policy and logs.
 pub fn run_dir(label: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
@@ -188,20 +241,33 @@ pub struct PolicyEndpoint<'a> {
 /// Renders a policy with one class (`standard`, the default) whose weights
 /// are given by endpoint name.
 pub fn policy_yaml(endpoints: &[PolicyEndpoint<'_>], weights: &[(&str, f64)]) -> String {
-    let mut s = String::from("default_class: standard\nendpoints:\n");
-    for e in endpoints {
-        s.push_str(&format!(
-            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{}]\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n",
-            e.name, e.addr, e.tier, e.model, e.price_in, e.price_out
-        ));
-    }
-    s.push_str("classes:\n  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
+    let mut s =
+        String::from("  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n");
     if !weights.is_empty() {
         s.push_str("    weights:\n");
         for (name, w) in weights {
             s.push_str(&format!("      {name}: {w}\n"));
         }
     }
+    policy_with_classes(endpoints, "standard", &s)
+}
+
+/// Renders a policy with the given endpoints and a `classes:` list written
+/// out in YAML (items indented by two spaces).
+pub fn policy_with_classes(
+    endpoints: &[PolicyEndpoint<'_>],
+    default_class: &str,
+    classes: &str,
+) -> String {
+    let mut s = format!("default_class: {default_class}\nendpoints:\n");
+    for e in endpoints {
+        s.push_str(&format!(
+            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{}]\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n",
+            e.name, e.addr, e.tier, e.model, e.price_in, e.price_out
+        ));
+    }
+    s.push_str("classes:\n");
+    s.push_str(classes);
     s
 }
 

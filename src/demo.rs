@@ -109,34 +109,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let policy = dir.join("policy.yaml");
         cluster::write_atomic(&policy, &policy_for(0))?;
 
-        let control_args: Vec<String> = ["control", "--listen", "127.0.0.1:0", "--policy"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([policy.display().to_string()])
-            .collect();
-        let (p, control) = Proc::spawn_announced(&bin, &control_args, &dir, "control").await?;
+        let (p, control) = cluster::start_control(&bin, &dir, &policy, "127.0.0.1:0", &[]).await?;
         procs.push(p);
-        let sidecar: SocketAddr = ([127, 0, 0, 1], cluster::free_port()?).into();
-        let sidecar_args: Vec<String> = [
-            "sidecar".to_string(),
-            "--control".into(),
-            control.to_string(),
-            "--listen".into(),
-            sidecar.to_string(),
-            "--id".into(),
-            "demo-sidecar".into(),
-        ]
-        .into();
-        procs.push(Proc::spawn(&bin, &sidecar_args, &dir, "sidecar")?);
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
-        cluster::wait_ok(
-            &http,
-            &format!("http://{sidecar}/readyz"),
-            Duration::from_secs(30),
-        )
-        .await?;
+        let (p, sidecar) =
+            cluster::start_sidecar(&bin, &dir, control, &["--id", "demo-sidecar"], &http).await?;
+        procs.push(p);
         println!(
             "control plane on {control}, sidecar on {sidecar}, mocks: {}",
             endpoints
@@ -209,7 +189,7 @@ async fn worker(http: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>, w: u
     let mut n = 0u64;
     loop {
         n += 1;
-        let stream = (n + w as u64) % 2 == 0;
+        let stream = (n + w as u64).is_multiple_of(2);
         let body = serde_json::json!({
             "model": MODEL,
             "stream": stream,

@@ -1,5 +1,6 @@
-//! The `switchyard` package's library half: process orchestration shared by
-//! the demo, the end-to-end tests and the load bench.
+//! The `switchyard` package's library half: process orchestration and load
+//! generation shared by the demo, the end-to-end tests and the benches.
 #![deny(unsafe_code)]
 
 pub mod cluster;
+pub mod loadgen;

@@ -65,6 +65,18 @@ enum Command {
         /// Largest request body accepted, in bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body_bytes: usize,
+        /// Requests that may wait for a free endpoint before classes are shed.
+        #[arg(long, default_value_t = 64)]
+        queue_limit: usize,
+        /// Consecutive failures that eject an endpoint locally.
+        #[arg(long, default_value_t = 5)]
+        eject_after: u32,
+        /// First local ejection in milliseconds; doubles on each repeat.
+        #[arg(long, default_value_t = 5000)]
+        eject_ms: u64,
+        /// Failure rate over 10 s (and 10+ requests) that ejects; above 1 never.
+        #[arg(long, default_value_t = 0.5)]
+        eject_failure_rate: f64,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -262,14 +274,27 @@ fn main() -> anyhow::Result<()> {
             id,
             threads,
             max_body_bytes,
+            queue_limit,
+            eject_after,
+            eject_ms,
+            eject_failure_rate,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
+            let base = Duration::from_millis(eject_ms);
             switchyard_dataplane::run(switchyard_dataplane::SidecarConfig {
                 control,
                 listen,
                 sidecar_id,
                 threads,
                 max_body_bytes,
+                queue_limit,
+                outlier: switchyard_dataplane::health::OutlierPolicy {
+                    consecutive_failures: eject_after.max(1),
+                    base_ejection: base,
+                    max_ejection: base.saturating_mul(12),
+                    failure_rate: eject_failure_rate,
+                    ..Default::default()
+                },
             })?;
             Ok(())
         }
@@ -371,11 +396,21 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the admin token, when there is one, to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
 type AdminClient = pb::admin_client::AdminClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
 async fn admin_client(conn: &AdminConn) -> anyhow::Result<AdminClient> {
@@ -384,22 +419,15 @@ async fn admin_client(conn: &AdminConn) -> anyhow::Result<AdminClient> {
         .connect()
         .await
         .with_context(|| format!("connecting to the control plane at {control}"))?;
-    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = conn
+    let header = conn
         .token
         .as_ref()
         .map(|t| format!("Bearer {t}").parse())
         .transpose()
         .context("the admin token must be printable ASCII")?;
-    let add_token: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut req: tonic::Request<()>| {
-        if let Some(h) = &header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    });
     Ok(pb::admin_client::AdminClient::with_interceptor(
-        channel, add_token,
+        channel,
+        Bearer(header),
     ))
 }
 

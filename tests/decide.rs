@@ -257,6 +257,17 @@ async fn start_control(dir: &Path, policy: &Path, listen: &str) -> (Proc, Socket
         .expect("control plane starts")
 }
 
+/// Adds the admin token to every call.
+struct Bearer;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        Ok(r)
+    }
+}
+
 async fn status(addr: SocketAddr) -> Option<pb::StatusResponse> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
@@ -264,12 +275,7 @@ async fn status(addr: SocketAddr) -> Option<pb::StatusResponse> {
         .connect()
         .await
         .ok()?;
-    let mut c =
-        pb::admin_client::AdminClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-            Ok(r)
-        });
+    let mut c = pb::admin_client::AdminClient::with_interceptor(channel, Bearer);
     c.status(pb::StatusRequest {})
         .await
         .ok()

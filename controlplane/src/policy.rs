@@ -94,6 +94,48 @@ pub struct Class {
     /// class's first tier (in the policy's tier order) that has endpoints.
     #[serde(default)]
     pub weights: Option<BTreeMap<String, f64>>,
+    /// Longest gap between two streamed chunks; the sidecar default when absent.
+    #[serde(default)]
+    pub inter_token_timeout_ms: Option<u32>,
+    /// Load shedding order: lower priorities are refused first.
+    #[serde(default)]
+    pub priority: u32,
+    /// Hedge slow first tokens with a second endpoint.
+    #[serde(default)]
+    pub hedge: bool,
+    #[serde(default)]
+    pub retry_budget: Option<RetryBudget>,
+    /// What to do when none of the class's weighted endpoints is healthy.
+    #[serde(default)]
+    pub degrade: Option<Degrade>,
+}
+
+/// Retries may add `ratio` of recent requests plus `min_per_second`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    #[serde(default = "default_retry_ratio")]
+    pub ratio: f64,
+    #[serde(default = "default_retry_min")]
+    pub min_per_second: u32,
+}
+
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+
+fn default_retry_min() -> u32 {
+    10
+}
+
+/// Exactly one of: serve with a smaller `model`, cap `max_tokens`, or
+/// `reject` with a reason.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Degrade {
+    pub model: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub reject: Option<String>,
 }
 
 fn default_ttft_ms() -> u32 {
@@ -320,6 +362,42 @@ impl Policy {
                         at("tiers"),
                         format!("{} is not in the policy's tiers", t.as_str()),
                     );
+                }
+            }
+            if let Some(r) = &c.retry_budget {
+                if !r.ratio.is_finite() || !(0.0..=10.0).contains(&r.ratio) {
+                    return err(
+                        at("retry_budget.ratio"),
+                        format!("must be within [0, 10], got {}", r.ratio),
+                    );
+                }
+            }
+            if let Some(d) = &c.degrade {
+                let set = [
+                    d.model.is_some(),
+                    d.max_tokens.is_some(),
+                    d.reject.is_some(),
+                ];
+                if set.iter().filter(|x| **x).count() != 1 {
+                    return err(
+                        at("degrade"),
+                        "set exactly one of model, max_tokens, reject".into(),
+                    );
+                }
+                if let Some(m) = &d.model {
+                    let served = self
+                        .endpoints
+                        .iter()
+                        .any(|e| c.allows(e.tier) && e.models.contains(m));
+                    if !served {
+                        return err(
+                            at("degrade.model"),
+                            format!("no endpoint this class may use serves {m:?}"),
+                        );
+                    }
+                }
+                if d.max_tokens == Some(0) {
+                    return err(at("degrade.max_tokens"), "must be positive".into());
                 }
             }
             if let Some(w) = &c.weights {

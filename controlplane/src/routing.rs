@@ -54,6 +54,18 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
                 fallback: d.map_or_else(Vec::new, |d| d.fallback.clone()),
                 ttft_timeout_ms: c.ttft_timeout_ms,
                 deadline_ms: c.deadline_ms,
+                priority: c.priority,
+                hedge: c.hedge,
+                retry_ratio: c.retry_budget.as_ref().map_or(0.2, |r| r.ratio),
+                retry_min_per_second: c.retry_budget.as_ref().map_or(10, |r| r.min_per_second),
+                inter_token_timeout_ms: c.inter_token_timeout_ms.unwrap_or(0),
+                degrade: c.degrade.as_ref().map(|d| pb::Degrade {
+                    action: Some(match (&d.model, d.max_tokens, &d.reject) {
+                        (Some(m), _, _) => pb::degrade::Action::Model(m.clone()),
+                        (_, Some(n), _) => pb::degrade::Action::MaxTokens(n),
+                        (_, _, r) => pb::degrade::Action::Reject(r.clone().unwrap_or_default()),
+                    }),
+                }),
             }
         })
         .collect();

@@ -42,6 +42,33 @@ impl WeightedChoice {
     }
 }
 
+/// Power of two choices over the weighted set: draw two endpoints by weight
+/// (draws `u1`, `u2`), skip unavailable ones, keep the one that costs less
+/// (peak-EWMA latency × pending). When both draws are unavailable, the
+/// cheapest available endpoint of the set; `None` when none is.
+pub fn pick_p2c(
+    choice: &WeightedChoice,
+    u1: f64,
+    u2: f64,
+    available: impl Fn(usize) -> bool,
+    cost: impl Fn(usize) -> f64,
+) -> Option<usize> {
+    let a = choice.pick(u1);
+    let b = choice.pick(u2);
+    match (available(a), available(b)) {
+        (true, true) if a == b => Some(a),
+        (true, true) => Some(if cost(b) < cost(a) { b } else { a }),
+        (true, false) => Some(a),
+        (false, true) => Some(b),
+        (false, false) => choice
+            .endpoints()
+            .iter()
+            .copied()
+            .filter(|i| available(*i))
+            .min_by(|x, y| cost(*x).total_cmp(&cost(*y))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +99,33 @@ mod tests {
     fn nothing_positive_means_no_choice() {
         assert!(WeightedChoice::new([(0, 0.0)]).is_none());
         assert!(WeightedChoice::new(std::iter::empty()).is_none());
+    }
+
+    #[test]
+    fn p2c_keeps_the_cheaper_of_two_and_skips_the_unavailable() {
+        let c = WeightedChoice::new([(0, 1.0), (1, 1.0), (2, 1.0)]).unwrap();
+        let cost = |i: usize| [30.0, 10.0, 20.0][i];
+        assert_eq!(pick_p2c(&c, 0.1, 0.5, |_| true, cost), Some(1));
+        assert_eq!(pick_p2c(&c, 0.1, 0.9, |_| true, cost), Some(2));
+        assert_eq!(pick_p2c(&c, 0.1, 0.5, |i| i != 1, cost), Some(0));
+        assert_eq!(pick_p2c(&c, 0.4, 0.5, |i| i == 2, cost), Some(2));
+        assert_eq!(pick_p2c(&c, 0.4, 0.5, |_| false, cost), None);
+    }
+
+    #[test]
+    fn p2c_never_picks_a_zero_weight_endpoint() {
+        let c = WeightedChoice::new([(0, 0.0), (1, 1.0), (2, 3.0)]).unwrap();
+        for i in 0..100 {
+            for j in 0..100 {
+                let p = pick_p2c(
+                    &c,
+                    i as f64 / 100.0,
+                    j as f64 / 100.0,
+                    |_| true,
+                    |k| k as f64,
+                );
+                assert_ne!(p, Some(0));
+            }
+        }
     }
 }

@@ -39,6 +39,37 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest<'_>, ClassifyError> {
     }
 }
 
+/// Rewrites a request for a degradation: another model, or `max_tokens`
+/// capped. Only degraded requests pay for this full parse.
+pub fn rewrite(
+    body: &[u8],
+    model: Option<&str>,
+    cap: Option<u32>,
+) -> Result<bytes::Bytes, ClassifyError> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ClassifyError::Malformed(e.to_string()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| ClassifyError::Malformed("not a JSON object".into()))?;
+    if let Some(m) = model {
+        obj.insert("model".into(), m.into());
+    }
+    if let Some(cap) = cap {
+        for key in ["max_tokens", "max_completion_tokens"] {
+            let current = obj.get(key).and_then(serde_json::Value::as_u64);
+            if key == "max_tokens" || current.is_some() {
+                obj.insert(
+                    key.into(),
+                    current.map_or(cap.into(), |c| c.min(cap.into())).into(),
+                );
+            }
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ClassifyError::Malformed(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +103,27 @@ mod tests {
         ));
         assert_eq!(parse(b"{}"), Err(ClassifyError::MissingModel));
         assert_eq!(parse(b"{\"model\":\"\"}"), Err(ClassifyError::MissingModel));
+    }
+
+    #[test]
+    fn degradation_rewrites_model_and_caps_tokens() {
+        let b = rewrite(
+            br#"{"model":"big","max_tokens":900,"messages":[]}"#,
+            Some("small"),
+            Some(100),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            (v["model"].as_str(), v["max_tokens"].as_u64()),
+            (Some("small"), Some(100))
+        );
+        let b = rewrite(br#"{"model":"m","max_tokens":50}"#, None, Some(100)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["max_tokens"], 50);
+        let b = rewrite(br#"{"model":"m"}"#, None, Some(100)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["max_tokens"], 100);
+        assert!(v.get("max_completion_tokens").is_none());
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::table::{self, Table};
+use crate::table::{self, Live, Table};
 use crate::usage::Usage;
 
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -56,7 +56,7 @@ enum StreamError {
     #[error("connecting: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("stream: {0}")]
-    Status(#[from] tonic::Status),
+    Status(#[from] Box<tonic::Status>),
     #[error("the control plane closed the stream")]
     Closed,
 }
@@ -66,6 +66,7 @@ pub struct ControlClient {
     pub sidecar_id: String,
     pub tables: Arc<ArcSwapOption<Table>>,
     pub usage: Arc<Usage>,
+    pub live: Arc<Live>,
 }
 
 impl ControlClient {
@@ -128,8 +129,12 @@ impl ControlClient {
             })),
         };
         tx.send(hello).await.map_err(|_| StreamError::Closed)?;
-        let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
-        while let Some(update) = updates.message().await? {
+        let mut updates = client
+            .watch(ReceiverStream::new(rx))
+            .await
+            .map_err(Box::new)?
+            .into_inner();
+        while let Some(update) = updates.message().await.map_err(Box::new)? {
             backoff.reset();
             let version = update.table.as_ref().map_or(0, |t| t.version);
             let reply = match self.apply(&update).await {
@@ -159,7 +164,7 @@ impl ControlClient {
     async fn apply(&self, update: &pb::TableUpdate) -> Result<(), table::TableError> {
         let t = update.table.as_ref().ok_or(table::TableError::Missing)?;
         let addrs = table::resolve(t).await?;
-        let compiled = Table::compile(t, &addrs)?;
+        let compiled = Table::compile(t, &addrs, &self.live)?;
         self.tables.store(Some(Arc::new(compiled)));
         Ok(())
     }
@@ -188,7 +193,7 @@ impl ControlClient {
                 sidecar_id: self.sidecar_id.clone(),
                 table_version: self.tables.load().as_ref().map_or(0, |t| t.version),
                 window_ms: REPORT_EVERY.as_millis() as u32,
-                endpoints: self.usage.take_report(),
+                endpoints: self.usage.take_report(&self.live.endpoints),
             };
             if tx.send(report).await.is_err() {
                 break;
@@ -197,7 +202,7 @@ impl ControlClient {
         }
         match call.await {
             Ok(Ok(_)) | Err(_) => Err(StreamError::Closed),
-            Ok(Err(status)) => Err(status.into()),
+            Ok(Err(status)) => Err(Box::new(status).into()),
         }
     }
 }

@@ -33,6 +33,13 @@ pub enum AttemptError {
     /// upstream had already closed, which is safe to retry.
     #[error("upstream exchange failed: {reason}")]
     Broken { reason: String, stale: bool },
+    /// The provider answered with an error worth retrying elsewhere (5xx,
+    /// 429) before anything reached the app.
+    #[error("upstream answered {status}")]
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl AttemptError {
@@ -41,6 +48,8 @@ impl AttemptError {
             AttemptError::Connect(_) => ErrorKind::Connect,
             AttemptError::Timeout(_) => ErrorKind::Timeout,
             AttemptError::Broken { .. } => ErrorKind::Broken,
+            AttemptError::Status { status: 429, .. } => ErrorKind::Status429,
+            AttemptError::Status { .. } => ErrorKind::Status5xx,
         }
     }
 }
@@ -100,6 +109,15 @@ pub async fn open(
             .map_err(broken)?;
         session.finish_request_body().await.map_err(broken)?;
         session.read_response_header().await.map_err(broken)?;
+        if let Some(h) = session.response_header() {
+            let status = h.status.as_u16();
+            if status == 429 || status >= 500 {
+                return Err(AttemptError::Status {
+                    status,
+                    retry_after: retry_after(h),
+                });
+            }
+        }
         // Past this point the upstream spoke, so a failure is no longer a
         // stale pooled connection.
         let first = session
@@ -127,6 +145,17 @@ pub async fn open(
         first,
         ttft: started.elapsed(),
     })
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from providers and
+/// is read as absent).
+fn retry_after(h: &ResponseHeader) -> Option<Duration> {
+    h.headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(3600.0)))
 }
 
 /// Hop-by-hop headers, and the ones the sidecar sets itself, are never

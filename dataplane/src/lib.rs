@@ -13,8 +13,12 @@ pub mod balance;
 pub mod classify;
 pub mod control;
 pub mod forward;
+pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod reply;
+pub mod retry;
+pub mod shed;
 pub mod table;
 pub mod usage;
 
@@ -35,6 +39,9 @@ pub struct SidecarConfig {
     pub sidecar_id: String,
     pub threads: usize,
     pub max_body_bytes: usize,
+    /// Requests that may wait for capacity before lower classes are shed.
+    pub queue_limit: usize,
+    pub outlier: health::OutlierPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +55,13 @@ pub enum SidecarError {
 pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
     let usage = Arc::new(usage::Usage::default());
+    let live = Arc::new(table::Live::default());
     control::ControlClient {
         address: config.control.clone(),
         sidecar_id: config.sidecar_id.clone(),
         tables: tables.clone(),
         usage: usage.clone(),
+        live: live.clone(),
     }
     .spawn()?;
 
@@ -69,7 +78,11 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     )));
     let sidecar = proxy::Sidecar {
         tables,
+        live,
         usage,
+        metrics: Arc::new(metrics::Metrics::default()),
+        admission: shed::Admission::new(config.queue_limit),
+        outlier: config.outlier,
         connector,
         max_body_bytes: config.max_body_bytes,
     };

@@ -15,19 +15,28 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use tokio::time::Instant;
 
+use std::sync::atomic::Ordering;
+
+use crate::balance::pick_p2c;
 use crate::classify::{self, ClassifyError};
 use crate::forward::{self, AttemptError, Opened};
+use crate::health::{EndpointState, OutlierPolicy};
+use crate::metrics::{Counter, Metrics};
 use crate::reply::ApiError;
-use crate::table::{Endpoint, RouteError, Table, CHAT_PATH};
+use crate::shed::Admission;
+use crate::table::{Degrade, Endpoint, Live, Route, RouteError, Table, CHAT_PATH};
 use crate::usage::{ErrorKind, Outcome, Usage};
 
-/// Attempts per request, counting retries on stale pooled connections and
-/// failover after connection failures.
-const MAX_ATTEMPTS: usize = 3;
+/// Attempts per request, hedges and stale-connection retries included.
+const MAX_ATTEMPTS: usize = 4;
 
 pub struct Sidecar {
     pub tables: Arc<ArcSwapOption<Table>>,
+    pub live: Arc<Live>,
     pub usage: Arc<Usage>,
+    pub metrics: Arc<Metrics>,
+    pub admission: Admission,
+    pub outlier: OutlierPolicy,
     pub connector: Connector,
     pub max_body_bytes: usize,
 }
@@ -35,7 +44,9 @@ pub struct Sidecar {
 /// Per-request state, read by `logging()`.
 pub struct RequestCtx {
     started: std::time::Instant,
+    class: Option<Arc<str>>,
     endpoint: Option<Arc<str>>,
+    degraded: Option<&'static str>,
     attempts: u8,
     status: u16,
     table_version: u64,
@@ -53,6 +64,7 @@ fn downstream_err(e: Box<Error>) -> Step {
 }
 
 impl Sidecar {
+    /// Writes a whole response the sidecar answers itself.
     async fn respond(
         &self,
         session: &mut Session,
@@ -61,18 +73,80 @@ impl Sidecar {
         content_type: &str,
         body: Bytes,
     ) -> Result<()> {
+        self.respond_after(session, ctx, status, content_type, body, None)
+            .await
+    }
+
+    async fn respond_after(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+        retry_after: Option<u64>,
+    ) -> Result<()> {
         ctx.status = status;
-        let mut h = ResponseHeader::build(status, Some(3))?;
+        let mut h = ResponseHeader::build(status, Some(6))?;
         h.insert_header("content-type", content_type)?;
         h.insert_header("content-length", body.len())?;
+        if let Some(s) = retry_after {
+            h.insert_header("retry-after", s.to_string())?;
+        }
+        if ctx.attempts > 0 {
+            h.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
+        }
+        if let Some(d) = ctx.degraded {
+            h.insert_header("x-switchyard-degraded", d)?;
+        }
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await
     }
 
     async fn error(&self, session: &mut Session, ctx: &mut RequestCtx, e: ApiError) -> Result<()> {
         let body = e.body();
-        self.respond(session, ctx, e.status, "application/json", body)
-            .await
+        self.respond_after(
+            session,
+            ctx,
+            e.status,
+            "application/json",
+            body,
+            e.retry_after,
+        )
+        .await
+    }
+
+    fn render_metrics(&self) -> Bytes {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(4096);
+        self.metrics.render(&mut out);
+        let version = self.tables.load().as_ref().map_or(0, |t| t.version);
+        let _ = writeln!(
+            out,
+            "# TYPE switchyard_table_version gauge\nswitchyard_table_version {version}"
+        );
+        let now = std::time::Instant::now();
+        let mut states = self.live.endpoints.all();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        out.push_str("# TYPE switchyard_endpoint_in_flight gauge\n");
+        for (name, s) in &states {
+            let _ = writeln!(
+                out,
+                "switchyard_endpoint_in_flight{{endpoint=\"{}\"}} {}",
+                crate::metrics::escape(name),
+                s.in_flight.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# TYPE switchyard_endpoint_ejected gauge\n");
+        for (name, s) in &states {
+            let _ = writeln!(
+                out,
+                "switchyard_endpoint_ejected{{endpoint=\"{}\"}} {}",
+                crate::metrics::escape(name),
+                u8::from(s.ejected(now))
+            );
+        }
+        Bytes::from(out)
     }
 
     /// Reads the whole request body, refusing more than the limit.
@@ -154,128 +228,225 @@ impl Sidecar {
         };
         ctx.table_version = table.version;
         let class_header = header_str(session.req_header(), "x-switchyard-class");
-        let (class, route) = match table.route(class_header, &req.model) {
+        let route = table.route(class_header, &req.model);
+        let (class, route) = match route {
             Ok(r) => r,
-            Err(RouteError::UnknownClass(c)) => {
-                let e =
-                    ApiError::invalid(format!("unknown request class `{c}`")).code("unknown_class");
-                return self.error(session, ctx, e).await;
-            }
-            Err(RouteError::UnknownModel) => {
-                let e = ApiError::new(
-                    404,
-                    "invalid_request_error",
-                    format!(
-                        "The model `{}` does not exist or you do not have access to it.",
-                        req.model
-                    ),
-                )
-                .code("model_not_found")
-                .param("model");
-                return self.error(session, ctx, e).await;
-            }
-            Err(RouteError::NoRoute) => {
-                let e = ApiError::new(
-                    503,
-                    "server_error",
-                    format!(
-                        "no endpoint allowed for this request class serves `{}`",
-                        req.model
-                    ),
-                )
-                .code("no_route");
+            Err(e) => {
+                let e = route_error(e, &req.model);
                 return self.error(session, ctx, e).await;
             }
         };
+        ctx.class = Some(class.name.clone());
         let started = Instant::now();
         let app_deadline = header_str(session.req_header(), "x-switchyard-timeout-ms")
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
         let deadline = started + app_deadline.map_or(class.deadline, |d| d.min(class.deadline));
 
-        let upstream_req = upstream_request(session.req_header())?;
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
-        let mut next = route
+        // Degrade when none of the class's preferred endpoints is healthy.
+        let mut body = body;
+        let mut route = route;
+        let now = started.into_std();
+        let preferred = route
             .choice
             .as_ref()
-            .map_or(route.fallback[0], |c| c.pick(fastrand::f64()));
-        let mut last_err = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            let ep = &table.endpoints[next];
-            tried[attempt] = next;
-            ctx.attempts = attempt as u8 + 1;
-            ctx.endpoint = Some(ep.name.clone());
-            let slot = self.usage.start(&ep.name);
-            let attempt_start = Instant::now();
-            let ttft_deadline = (attempt_start + class.ttft_timeout).min(deadline);
-            let mut req = Box::new(upstream_req.clone());
-            req.set_raw_path(ep.chat_path.as_bytes())?;
-            req.insert_header("host", &ep.authority)?;
-            req.insert_header("content-length", body.len())?;
-            let opened = forward::open(
-                &self.connector,
-                ep,
-                req,
-                body.clone(),
-                attempt_start,
-                ttft_deadline,
-            )
-            .await;
-            match opened {
-                Ok(o) => {
-                    let step = self
-                        .relay(
-                            session,
-                            ctx,
-                            ep,
-                            o,
-                            attempt_start,
-                            deadline,
-                            class.inter_token_timeout,
-                        )
-                        .await;
-                    drop(slot);
-                    return match step {
-                        Step::Done => Ok(()),
-                        Step::Abort(e) => Err(e),
-                    };
+            .map_or(&route.fallback[..1], |c| c.endpoints());
+        let healthy = preferred
+            .iter()
+            .any(|i| table.endpoints[*i].state.available(now));
+        if let (false, Some(d)) = (healthy, &class.degrade) {
+            ctx.degraded = Some(d.label());
+            self.metrics
+                .inc(Counter::Degraded, Some(&class.name), None, d.label());
+            let rewritten = match d {
+                Degrade::Reject(reason) => {
+                    let e = ApiError::new(
+                        503,
+                        "server_error",
+                        format!(
+                            "the preferred endpoints of class `{}` are unhealthy: {reason}",
+                            class.name
+                        ),
+                    )
+                    .code("degraded_reject");
+                    return self.error(session, ctx, e).await;
                 }
+                Degrade::Model(m) => {
+                    match table.route(Some(&class.name), m) {
+                        Ok((_, r)) => route = r,
+                        Err(e) => return self.error(session, ctx, route_error(e, m)).await,
+                    }
+                    classify::rewrite(&body, Some(m), None)
+                }
+                Degrade::MaxTokens(n) => classify::rewrite(&body, None, Some(*n)),
+            };
+            match rewritten {
+                Ok(b) => body = b,
                 Err(e) => {
-                    self.usage.record(
-                        &ep.name,
-                        Outcome {
-                            error: Some(e.kind()),
-                            ttft: None,
-                            latency: attempt_start.elapsed(),
-                        },
-                    );
-                    tracing::debug!(endpoint = %ep.name, error = %e, "attempt failed");
-                    let retry_same = matches!(e, AttemptError::Broken { stale: true, .. });
-                    let failover = matches!(e, AttemptError::Connect(_));
-                    last_err = Some(e);
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    if retry_same {
-                        continue;
-                    }
-                    if !failover {
-                        break;
-                    }
-                    match route.fallback.iter().find(|i| !tried.contains(i)) {
-                        Some(i) => next = *i,
-                        None => break,
-                    }
+                    return self
+                        .error(session, ctx, ApiError::invalid(e.to_string()))
+                        .await
                 }
             }
         }
-        let e = match last_err {
+
+        // Shed when every endpoint the request may use is at capacity.
+        let candidates = || {
+            route
+                .choice
+                .iter()
+                .flat_map(|c| c.endpoints())
+                .chain(&route.fallback)
+                .map(|i| &table.endpoints[*i])
+        };
+        let queue_until = (started + class.ttft_timeout).min(deadline);
+        while candidates().all(Endpoint::at_capacity) {
+            if let Err(why) = self
+                .admission
+                .wait(class.priority, table.max_priority, queue_until)
+                .await
+            {
+                self.metrics
+                    .inc(Counter::Sheds, Some(&class.name), None, "");
+                let mut e = ApiError::new(
+                    429,
+                    "rate_limit_error",
+                    format!(
+                        "every endpoint for class `{}` is at capacity: {why}",
+                        class.name
+                    ),
+                )
+                .code("overloaded");
+                e.retry_after = Some(1);
+                return self.error(session, ctx, e).await;
+            }
+        }
+
+        let upstream_req = upstream_request(session.req_header())?;
+        let attempt = Attempt {
+            table: &table,
+            req: &upstream_req,
+            body: &body,
+            ttft: class.ttft_timeout,
+            deadline,
+        };
+        lock(&class.retry).request(now);
+        let mut tried = Tried::default();
+        let first = route.choice.as_ref().and_then(|c| {
+            pick_p2c(
+                c,
+                fastrand::f64(),
+                fastrand::f64(),
+                |i| table.endpoints[i].state.available(now),
+                |i| table.endpoints[i].state.cost(),
+            )
+        });
+        // With every preferred endpoint out, the chain leads; with every
+        // endpoint out, the preferred choice is tried anyway rather than
+        // failing without an attempt.
+        let mut next = first
+            .or_else(|| self.next_in_chain(&table, route, &tried))
+            .or_else(|| route.choice.as_ref().map(|c| c.pick(fastrand::f64())))
+            .unwrap_or(route.fallback[0]);
+        let mut last_err = None;
+        loop {
+            let outcomes = if class.hedge {
+                self.hedged(&attempt, route, next, &mut tried, ctx).await
+            } else {
+                tried.push(next);
+                ctx.attempts += 1;
+                let r = attempt.run(self, next).await;
+                Outcomes::one(next, r)
+            };
+            let mut winner = None;
+            for (idx, r) in outcomes.into_iter() {
+                let ep = &table.endpoints[idx];
+                match r {
+                    Ok(o) => winner = Some((idx, o)),
+                    Err((e, took)) => {
+                        self.failed(ep, &e, took);
+                        last_err = Some((idx, e));
+                    }
+                }
+            }
+            if let Some((idx, (opened, slot))) = winner {
+                let ep = &table.endpoints[idx];
+                ctx.endpoint = Some(ep.name.clone());
+                let step = self
+                    .relay(
+                        session,
+                        ctx,
+                        ep,
+                        opened,
+                        deadline,
+                        class.inter_token_timeout,
+                    )
+                    .await;
+                drop(slot);
+                return match step {
+                    Step::Done => Ok(()),
+                    Step::Abort(e) => Err(e),
+                };
+            }
+            let Some((failed_idx, err)) = &last_err else {
+                break;
+            };
+            if Instant::now() >= deadline || tried.len() >= MAX_ATTEMPTS {
+                break;
+            }
+            // A pooled connection the provider had closed: same endpoint,
+            // new connection, not a retry in the budget's sense.
+            let stale = matches!(err, AttemptError::Broken { stale: true, .. });
+            let candidate = if stale {
+                Some(*failed_idx)
+            } else {
+                self.next_in_chain(&table, route, &tried)
+            };
+            let Some(candidate) = candidate else {
+                break;
+            };
+            if !stale {
+                if !lock(&class.retry).try_retry(Instant::now().into_std()) {
+                    self.metrics
+                        .inc(Counter::RetryBudgetExhausted, Some(&class.name), None, "");
+                    break;
+                }
+                let to = &table.endpoints[candidate].name;
+                self.metrics
+                    .inc(Counter::Retries, Some(&class.name), Some(to), "");
+                if candidate != *failed_idx {
+                    self.metrics
+                        .inc(Counter::Fallbacks, Some(&class.name), Some(to), "");
+                }
+            }
+            next = candidate;
+        }
+        let e = match last_err.map(|(_, e)| e) {
             Some(AttemptError::Timeout(d)) => ApiError::new(
                 504,
                 "server_error",
-                format!("no endpoint answered within {} ms", d.as_millis()),
+                format!("no first token within {} ms", d.as_millis()),
             )
             .code("upstream_timeout"),
+            Some(AttemptError::Status {
+                status: 429,
+                retry_after,
+            }) => {
+                let mut e = ApiError::new(
+                    429,
+                    "rate_limit_error",
+                    "every endpoint tried is rate limited",
+                )
+                .code("upstream_rate_limited");
+                e.retry_after = Some(retry_after.map_or(1, |d| d.as_secs().max(1)));
+                e
+            }
+            Some(AttemptError::Connect(reason)) => ApiError::new(
+                503,
+                "server_error",
+                format!("no endpoint could be reached: {reason}"),
+            )
+            .code("upstream_unavailable"),
             Some(e) => ApiError::new(502, "server_error", format!("upstream failed: {e}"))
                 .code("upstream_error"),
             None => ApiError::new(502, "server_error", "no endpoint was tried"),
@@ -286,15 +457,109 @@ impl Sidecar {
         self.error(session, ctx, e).await
     }
 
+    /// The first endpoint of the chain not yet tried and available now.
+    fn next_in_chain(&self, table: &Table, route: &Route, tried: &Tried) -> Option<usize> {
+        let now = std::time::Instant::now();
+        route
+            .fallback
+            .iter()
+            .copied()
+            .find(|i| !tried.contains(*i) && table.endpoints[*i].state.available(now))
+    }
+
+    /// Books a failed attempt: telemetry, local outlier detection, and
+    /// throttling after a 429.
+    fn failed(&self, ep: &Endpoint, e: &AttemptError, took: Duration) {
+        let now = std::time::Instant::now();
+        self.usage.record(
+            &ep.name,
+            Outcome {
+                error: Some(e.kind()),
+                ttft: None,
+                latency: took,
+            },
+        );
+        if let AttemptError::Status {
+            status: 429,
+            retry_after,
+        } = e
+        {
+            ep.state
+                .throttle(now + retry_after.unwrap_or(Duration::from_secs(1)));
+        }
+        if let Some(d) = ep.state.failure(took, now, &self.outlier) {
+            self.metrics
+                .inc(Counter::Ejections, None, Some(&ep.name), "");
+            tracing::warn!(endpoint = %ep.name, for_ms = d.as_millis() as u64, error = %e,
+                "endpoint ejected locally");
+        }
+        tracing::debug!(endpoint = %ep.name, error = %e, "attempt failed");
+    }
+
+    /// Runs `first`; if it has no first token after its endpoint's recent
+    /// p95 TTFT, sends the same request to the next endpoint of the chain and
+    /// keeps whichever answers first. The loser is dropped, which closes its
+    /// connection, so the provider stops generating.
+    async fn hedged<'a>(
+        &'a self,
+        attempt: &Attempt<'a>,
+        route: &Route,
+        first: usize,
+        tried: &mut Tried,
+        ctx: &mut RequestCtx,
+    ) -> Outcomes<'a> {
+        let table = attempt.table;
+        tried.push(first);
+        ctx.attempts += 1;
+        let delay = table.endpoints[first]
+            .state
+            .p95_ttft()
+            .unwrap_or(attempt.ttft / 2)
+            .min(attempt.ttft);
+        let primary = attempt.run(self, first);
+        tokio::pin!(primary);
+        tokio::select! {
+            r = &mut primary => return Outcomes::one(first, r),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let Some(second) = self.next_in_chain(table, route, tried) else {
+            return Outcomes::one(first, primary.await);
+        };
+        tried.push(second);
+        ctx.attempts += 1;
+        let class = ctx.class.clone();
+        let second_name = &table.endpoints[second].name;
+        self.metrics
+            .inc(Counter::Hedges, class.as_ref(), Some(second_name), "");
+        let hedge = attempt.run(self, second);
+        tokio::pin!(hedge);
+        let cancelled = |loser: usize| {
+            self.metrics.inc(
+                Counter::HedgesCancelled,
+                class.as_ref(),
+                Some(&table.endpoints[loser].name),
+                "",
+            );
+        };
+        tokio::select! {
+            r = &mut primary => match r {
+                Ok(_) => { cancelled(second); Outcomes::one(first, r) }
+                Err(_) => Outcomes::two((first, r), (second, hedge.await)),
+            },
+            r = &mut hedge => match r {
+                Ok(_) => { cancelled(first); Outcomes::one(second, r) }
+                Err(_) => Outcomes::two((second, r), (first, primary.await)),
+            },
+        }
+    }
+
     /// Streams an opened upstream answer to the app, chunk by chunk.
-    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         ep: &Endpoint,
         opened: Opened,
-        attempt_start: Instant,
         deadline: Instant,
         inter_token: Duration,
     ) -> Step {
@@ -304,6 +569,7 @@ impl Sidecar {
             first,
             ttft,
         } = opened;
+        let attempt_start = Instant::now() - ttft;
         let status = up_header.status.as_u16();
         ctx.status = status;
         let sse = up_header
@@ -318,13 +584,8 @@ impl Sidecar {
         if done {
             let _ = resp.insert_header("content-length", first.as_ref().map_or(0, Bytes::len));
         }
-        let error_kind = match status {
-            429 => Some(ErrorKind::Status429),
-            500..=599 => Some(ErrorKind::Status5xx),
-            _ => None,
-        };
         let mut outcome = Outcome {
-            error: error_kind,
+            error: None,
             ttft: Some(ttft),
             latency: Duration::ZERO,
         };
@@ -389,6 +650,18 @@ impl Sidecar {
         .await;
         outcome.latency = attempt_start.elapsed();
         self.usage.record(&ep.name, outcome);
+        let now = std::time::Instant::now();
+        match outcome.error {
+            None => ep.state.success(ttft, now, &self.outlier),
+            Some(_) => {
+                if let Some(d) = ep.state.failure(outcome.latency, now, &self.outlier) {
+                    self.metrics
+                        .inc(Counter::Ejections, None, Some(&ep.name), "");
+                    tracing::warn!(endpoint = %ep.name, for_ms = d.as_millis() as u64,
+                        "endpoint ejected locally after a broken stream");
+                }
+            }
+        }
         match result {
             Ok(()) => {
                 if done {
@@ -400,6 +673,144 @@ impl Sidecar {
             }
             Err(step) => step,
         }
+    }
+}
+
+/// Endpoints a request has tried, without allocating.
+#[derive(Default)]
+struct Tried {
+    list: [usize; MAX_ATTEMPTS + 1],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        if self.len < self.list.len() {
+            self.list[self.len] = i;
+            self.len += 1;
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.list[..self.len].contains(&i)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One in-flight slot on an endpoint; frees a queued request when dropped.
+pub struct Slot<'a> {
+    state: &'a EndpointState,
+    admission: &'a Admission,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.admission.freed();
+    }
+}
+
+type AttemptResult<'a> = std::result::Result<(Opened, Slot<'a>), (AttemptError, Duration)>;
+
+/// The results of one step: one attempt, or a hedged pair.
+struct Outcomes<'a> {
+    items: [Option<(usize, AttemptResult<'a>)>; 2],
+}
+
+impl<'a> Outcomes<'a> {
+    fn one(i: usize, r: AttemptResult<'a>) -> Self {
+        Self {
+            items: [Some((i, r)), None],
+        }
+    }
+
+    fn two(a: (usize, AttemptResult<'a>), b: (usize, AttemptResult<'a>)) -> Self {
+        Self {
+            items: [Some(a), Some(b)],
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = (usize, AttemptResult<'a>)> {
+        self.items.into_iter().flatten()
+    }
+}
+
+/// What every attempt of one request shares.
+struct Attempt<'a> {
+    table: &'a Table,
+    req: &'a RequestHeader,
+    body: &'a Bytes,
+    ttft: Duration,
+    deadline: Instant,
+}
+
+impl<'a> Attempt<'a> {
+    async fn run(&self, sidecar: &'a Sidecar, idx: usize) -> AttemptResult<'a> {
+        let ep = &self.table.endpoints[idx];
+        ep.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            state: &ep.state,
+            admission: &sidecar.admission,
+        };
+        let start = Instant::now();
+        let ttft_deadline = (start + self.ttft).min(self.deadline);
+        let req = (|| {
+            let mut req = Box::new(self.req.clone());
+            req.set_raw_path(ep.chat_path.as_bytes())?;
+            req.insert_header("host", &ep.authority)?;
+            req.insert_header("content-length", self.body.len())?;
+            Ok::<_, Box<Error>>(req)
+        })()
+        .map_err(|e| {
+            (
+                AttemptError::Broken {
+                    reason: e.to_string(),
+                    stale: false,
+                },
+                Duration::ZERO,
+            )
+        })?;
+        match forward::open(
+            &sidecar.connector,
+            ep,
+            req,
+            self.body.clone(),
+            start,
+            ttft_deadline,
+        )
+        .await
+        {
+            Ok(o) => Ok((o, slot)),
+            Err(e) => Err((e, start.elapsed())),
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn route_error(e: RouteError<'_>, model: &str) -> ApiError {
+    match e {
+        RouteError::UnknownClass(c) => {
+            ApiError::invalid(format!("unknown request class `{c}`")).code("unknown_class")
+        }
+        RouteError::UnknownModel => ApiError::new(
+            404,
+            "invalid_request_error",
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .code("model_not_found")
+        .param("model"),
+        RouteError::NoRoute => ApiError::new(
+            503,
+            "server_error",
+            format!("no endpoint allowed for this request class serves `{model}`"),
+        )
+        .code("no_route"),
     }
 }
 
@@ -437,6 +848,9 @@ fn build_response(up: &ResponseHeader, ep: &Endpoint, ctx: &RequestCtx) -> Resul
     resp.insert_header("x-switchyard-endpoint", &*ep.name)?;
     resp.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
     resp.insert_header("x-switchyard-table-version", ctx.table_version.to_string())?;
+    if let Some(d) = ctx.degraded {
+        resp.insert_header("x-switchyard-degraded", d)?;
+    }
     Ok(resp)
 }
 
@@ -447,7 +861,9 @@ impl ProxyHttp for Sidecar {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: std::time::Instant::now(),
+            class: None,
             endpoint: None,
+            degraded: None,
             attempts: 0,
             status: 0,
             table_version: 0,
@@ -471,6 +887,11 @@ impl ProxyHttp for Sidecar {
                     self.error(session, ctx, e).await?
                 }
             },
+            ("GET", "/metrics") => {
+                let body = self.render_metrics();
+                self.respond(session, ctx, 200, "text/plain; version=0.0.4", body)
+                    .await?
+            }
             ("GET", "/healthz") => {
                 self.respond(session, ctx, 200, "text/plain", Bytes::from_static(b"ok\n"))
                     .await?
@@ -485,7 +906,7 @@ impl ProxyHttp for Sidecar {
                     self.respond(session, ctx, 503, "text/plain", body).await?
                 }
             },
-            (_, CHAT_PATH | "/v1/models" | "/healthz" | "/readyz") => {
+            (_, CHAT_PATH | "/v1/models" | "/healthz" | "/readyz" | "/metrics") => {
                 let e = ApiError::invalid(format!("method {method} is not allowed on {path}"));
                 let e = ApiError { status: 405, ..e };
                 self.error(session, ctx, e).await?
@@ -516,6 +937,10 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.class.is_some() {
+            self.metrics
+                .request(ctx.class.as_ref(), ctx.endpoint.as_ref(), ctx.status);
+        }
         tracing::debug!(
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),

@@ -13,6 +13,15 @@ use serde_json::json;
 use switchyard_proto::v1 as pb;
 
 use crate::balance::WeightedChoice;
+use crate::health::{EndpointState, Endpoints};
+use crate::retry::{Budgets, RetryBudget};
+
+/// State that outlives tables: endpoint health and retry budgets, by name.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub endpoints: Endpoints,
+    pub budgets: Budgets,
+}
 
 /// The request path every endpoint serves chat completions on, after its
 /// URL's own path prefix.
@@ -60,6 +69,38 @@ pub struct Endpoint {
     pub chat_path: String,
     pub price_input_per_mtok: f64,
     pub price_output_per_mtok: f64,
+    /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
+    pub capacity: u32,
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    pub fn at_capacity(&self) -> bool {
+        self.capacity > 0
+            && self
+                .state
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= self.capacity
+    }
+}
+
+/// What a class does when none of its weighted endpoints is healthy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Degrade {
+    Model(String),
+    MaxTokens(u32),
+    Reject(String),
+}
+
+impl Degrade {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Degrade::Model(_) => "smaller-model",
+            Degrade::MaxTokens(_) => "cap-max-tokens",
+            Degrade::Reject(_) => "reject",
+        }
+    }
 }
 
 /// Where one class sends requests for one model.
@@ -78,6 +119,10 @@ pub struct Class {
     pub ttft_timeout: Duration,
     pub inter_token_timeout: Duration,
     pub deadline: Duration,
+    pub priority: u32,
+    pub hedge: bool,
+    pub degrade: Option<Degrade>,
+    pub retry: Arc<std::sync::Mutex<RetryBudget>>,
     by_model: HashMap<String, Route>,
 }
 
@@ -88,6 +133,8 @@ pub struct Table {
     classes: HashMap<String, Class>,
     default_class: String,
     models: BTreeSet<String>,
+    /// Highest class priority, for queue shares.
+    pub max_priority: u32,
     /// `/v1/models` answer, rendered once per table.
     pub models_json: Bytes,
 }
@@ -156,6 +203,7 @@ impl Table {
     pub fn compile(
         t: &pb::RoutingTable,
         addrs: &HashMap<String, SocketAddr>,
+        live: &Live,
     ) -> Result<Table, TableError> {
         let mut endpoints = Vec::with_capacity(t.endpoints.len());
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -203,6 +251,8 @@ impl Table {
                 chat_path: format!("{prefix}{CHAT_PATH}"),
                 price_input_per_mtok: e.price_input_per_mtok,
                 price_output_per_mtok: e.price_output_per_mtok,
+                capacity: e.capacity,
+                state: live.endpoints.get(&e.name),
             });
         }
 
@@ -256,13 +306,40 @@ impl Table {
                 }
             };
             let deadline = ms(c.deadline_ms, Duration::from_secs(120));
+            let degrade = match c.degrade.as_ref().and_then(|d| d.action.as_ref()) {
+                None => None,
+                Some(pb::degrade::Action::Model(m)) => {
+                    if !models.contains(m) {
+                        return Err(class_err(
+                            &c.name,
+                            format!("degrade model {m:?} is not served"),
+                        ));
+                    }
+                    Some(Degrade::Model(m.clone()))
+                }
+                Some(pb::degrade::Action::MaxTokens(n)) => Some(Degrade::MaxTokens(*n)),
+                Some(pb::degrade::Action::Reject(r)) => Some(Degrade::Reject(r.clone())),
+            };
+            if !c.retry_ratio.is_finite() || c.retry_ratio < 0.0 {
+                return Err(class_err(
+                    &c.name,
+                    format!("invalid retry ratio {}", c.retry_ratio),
+                ));
+            }
             classes.insert(
                 c.name.clone(),
                 Class {
                     name: Arc::from(c.name.as_str()),
                     ttft_timeout: ms(c.ttft_timeout_ms, Duration::from_secs(10)).min(deadline),
-                    inter_token_timeout: INTER_TOKEN_TIMEOUT.min(deadline),
+                    inter_token_timeout: ms(c.inter_token_timeout_ms, INTER_TOKEN_TIMEOUT)
+                        .min(deadline),
                     deadline,
+                    priority: c.priority,
+                    hedge: c.hedge,
+                    degrade,
+                    retry: live
+                        .budgets
+                        .get(&c.name, c.retry_ratio, c.retry_min_per_second),
                     by_model,
                 },
             );
@@ -276,6 +353,7 @@ impl Table {
             .collect();
         let models_json = Bytes::from(json!({"object": "list", "data": data}).to_string());
         Ok(Table {
+            max_priority: t.classes.iter().map(|c| c.priority).max().unwrap_or(0),
             version: t.version,
             endpoints,
             classes,
@@ -349,6 +427,7 @@ mod tests {
                     fallback: vec!["a".into(), "b".into()],
                     ttft_timeout_ms: 0,
                     deadline_ms: 5000,
+                    ..Default::default()
                 },
                 pb::RequestClass {
                     name: "onprem-only".into(),
@@ -359,6 +438,7 @@ mod tests {
                     fallback: vec!["a".into()],
                     ttft_timeout_ms: 100,
                     deadline_ms: 1000,
+                    ..Default::default()
                 },
             ],
             default_class: "std".into(),
@@ -381,7 +461,7 @@ mod tests {
     #[test]
     fn routes_by_class_and_model() {
         let t = table();
-        let c = Table::compile(&t, &addrs(&t)).unwrap();
+        let c = Table::compile(&t, &addrs(&t), &Live::default()).unwrap();
         assert_eq!(c.endpoints[0].chat_path, "/prefix/v1/chat/completions");
         assert_eq!(c.endpoints[0].authority, "127.0.0.1:1");
         let (class, r) = c.route(None, "m1").unwrap();
@@ -411,7 +491,7 @@ mod tests {
     fn refuses_what_it_cannot_apply() {
         let mut t = table();
         t.endpoints[1].url = "ht!tp://nope".into();
-        let e = Table::compile(&t, &addrs(&t)).unwrap_err();
+        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
         assert!(
             matches!(&e, TableError::Endpoint { name, .. } if name == "b"),
             "{e}"
@@ -420,25 +500,25 @@ mod tests {
         let mut t = table();
         t.classes[0].routes[0].weight = f64::NAN;
         assert!(matches!(
-            Table::compile(&t, &addrs(&t)),
+            Table::compile(&t, &addrs(&t), &Live::default()),
             Err(TableError::Class { .. })
         ));
 
         let mut t = table();
         t.classes[0].fallback.push("ghost".into());
-        let e = Table::compile(&t, &addrs(&t)).unwrap_err();
+        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
         assert!(e.to_string().contains("ghost"), "{e}");
 
         let mut t = table();
         t.default_class = "none".into();
         assert!(matches!(
-            Table::compile(&t, &addrs(&t)),
+            Table::compile(&t, &addrs(&t), &Live::default()),
             Err(TableError::DefaultClass(_))
         ));
 
         let mut t = table();
         t.endpoints[2].name = "a".into();
-        assert!(Table::compile(&t, &addrs(&t)).is_err());
+        assert!(Table::compile(&t, &addrs(&t), &Live::default()).is_err());
     }
 
     #[test]

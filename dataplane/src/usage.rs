@@ -4,13 +4,15 @@
 //! only its own interval.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use switchyard_proto::v1 as pb;
+
+use crate::health::Endpoints;
 
 /// Why an attempt failed; the kinds the control plane weighs differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,29 +64,9 @@ fn micros(d: Duration) -> u64 {
 #[derive(Default)]
 pub struct Usage {
     windows: Mutex<HashMap<Arc<str>, Window>>,
-    in_flight: Mutex<HashMap<Arc<str>, Arc<AtomicU32>>>,
-}
-
-/// Holds one in-flight slot for an endpoint until dropped.
-pub struct InFlight(Arc<AtomicU32>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Usage {
-    pub fn start(&self, endpoint: &Arc<str>) -> InFlight {
-        let mut m = self.in_flight.lock().expect("usage lock");
-        let gauge = match m.get(endpoint) {
-            Some(g) => g.clone(),
-            None => m.entry(endpoint.clone()).or_default().clone(),
-        };
-        gauge.fetch_add(1, Ordering::Relaxed);
-        InFlight(gauge)
-    }
-
     pub fn record(&self, endpoint: &Arc<str>, o: Outcome) {
         let mut m = self.windows.lock().expect("usage lock");
         let w = match m.get_mut(endpoint) {
@@ -102,14 +84,13 @@ impl Usage {
     }
 
     /// Takes the windows counted since the last call, as telemetry.
-    pub fn take_report(&self) -> Vec<pb::EndpointWindow> {
+    /// In-flight counts come from the endpoints' live state.
+    pub fn take_report(&self, live: &Endpoints) -> Vec<pb::EndpointWindow> {
         let windows = std::mem::take(&mut *self.windows.lock().expect("usage lock"));
-        let in_flight: HashMap<Arc<str>, u32> = self
-            .in_flight
-            .lock()
-            .expect("usage lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+        let in_flight: HashMap<String, u32> = live
+            .all()
+            .into_iter()
+            .map(|(k, v)| (k, v.in_flight.load(Ordering::Relaxed)))
             .collect();
         let mut ser = V2Serializer::new();
         let mut encode = |h: &Histogram<u64>| {
@@ -119,7 +100,7 @@ impl Usage {
         let mut out: Vec<pb::EndpointWindow> = windows
             .into_iter()
             .map(|(name, w)| pb::EndpointWindow {
-                in_flight: in_flight.get(&name).copied().unwrap_or(0),
+                in_flight: in_flight.get(&*name).copied().unwrap_or(0),
                 endpoint: name.to_string(),
                 requests: w.requests,
                 errors_connect: w.errors[ErrorKind::Connect as usize],
@@ -156,8 +137,9 @@ mod tests {
     #[test]
     fn windows_are_taken_whole_and_histograms_round_trip() {
         let u = Usage::default();
+        let live = Endpoints::default();
         let a: Arc<str> = Arc::from("a");
-        let slot = u.start(&a);
+        live.get("a").in_flight.fetch_add(1, Ordering::Relaxed);
         for ms in [10, 20, 30] {
             u.record(
                 &a,
@@ -176,7 +158,7 @@ mod tests {
                 latency: Duration::from_millis(1),
             },
         );
-        let r = u.take_report();
+        let r = u.take_report(&live);
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].requests, r[0].errors_429, r[0].in_flight), (4, 1, 1));
         let h: Histogram<u64> = Deserializer::new()
@@ -184,13 +166,13 @@ mod tests {
             .unwrap();
         assert_eq!(h.len(), 4);
         assert!(h.value_at_quantile(1.0) >= 29_900);
-        let r = u.take_report();
+        let r = u.take_report(&live);
         assert_eq!(
             (r.len(), r[0].requests, r[0].in_flight),
             (1, 0, 1),
             "a taken window is not reported twice; the gauge still is"
         );
-        drop(slot);
-        assert!(u.take_report().is_empty());
+        live.get("a").in_flight.fetch_sub(1, Ordering::Relaxed);
+        assert!(u.take_report(&live).is_empty());
     }
 }

@@ -49,6 +49,7 @@ struct Shared {
     behaviour: RwLock<Behaviour>,
     counter: AtomicU64,
     requests: AtomicU64,
+    completed: AtomicU64,
     in_flight: AtomicU64,
     /// Requests queued for a slot; part of `in_flight`.
     waiting: AtomicU64,
@@ -91,6 +92,7 @@ pub async fn serve(
         config,
         counter: AtomicU64::new(0),
         requests: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         faults: Mutex::new(HashMap::new()),
         completions: Mutex::new(Kept::default()),
@@ -245,6 +247,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             .lock()
             .expect("completions lock")
             .insert(id.clone(), content.clone());
+        s.completed.fetch_add(1, Ordering::Relaxed);
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
@@ -302,6 +305,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             .lock()
             .expect("completions lock")
             .insert(id.clone(), sent);
+        s.completed.fetch_add(1, Ordering::Relaxed);
         let _ = tx.send(Ok(chunk(json!({}), json!(finish)))).await;
         if include_usage {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
@@ -399,6 +403,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "name": s.config.name,
         "tier": s.config.tier,
         "requests": s.requests.load(Ordering::Relaxed),
+        "completed": s.completed.load(Ordering::Relaxed),
         "in_flight": s.in_flight.load(Ordering::Relaxed),
         "waiting": s.waiting.load(Ordering::Relaxed),
         "capacity": s.config.capacity,

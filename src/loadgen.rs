@@ -1,0 +1,83 @@
+//! An open-loop load generator for the benches: requests leave at a fixed
+//! rate whatever earlier ones did, and each one's latency counts from its
+//! scheduled time, so a stall shows up in the numbers instead of hiding as
+//! coordinated omission.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// One request's fate.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When it was due, from the start of the run.
+    pub due: Duration,
+    /// Latency from its due time to the last byte of the answer.
+    pub latency: Duration,
+    /// HTTP status; 0 when the connection failed.
+    pub status: u16,
+    /// `x-switchyard-endpoint`, when present.
+    pub endpoint: Option<String>,
+}
+
+impl Sample {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// POSTs `body` to `url` at `rate` per second for `length`; returns every
+/// sample, ordered by due time.
+pub async fn open_loop(
+    http: &reqwest::Client,
+    url: &str,
+    body: Arc<Vec<u8>>,
+    rate: u64,
+    length: Duration,
+) -> Vec<Sample> {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let n = rate * length.as_millis() as u64 / 1000;
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
+        tokio::time::sleep_until(due).await;
+        let (http, url, body, samples) =
+            (http.clone(), url.to_string(), body.clone(), samples.clone());
+        tasks.push(tokio::spawn(async move {
+            let (status, endpoint) = async {
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_vec())
+                    .send()
+                    .await
+                    .ok()?;
+                let status = r.status().as_u16();
+                let endpoint = r
+                    .headers()
+                    .get("x-switchyard-endpoint")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                r.bytes().await.ok()?;
+                Some((status, endpoint))
+            }
+            .await
+            .unwrap_or((0, None));
+            let latency = due.elapsed();
+            samples.lock().expect("samples").push(Sample {
+                due: due - start,
+                latency,
+                status,
+                endpoint,
+            });
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut out = std::mem::take(&mut *samples.lock().expect("samples"));
+    out.sort_by_key(|s| s.due);
+    out
+}

@@ -1,0 +1,257 @@
+//! A whole Switchyard on loopback for end-to-end tests: mocks, a control
+//! plane and one sidecar, all real processes of the `switchyard` binary.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use switchyard::cluster::{self, PolicyEndpoint, Proc};
+use switchyard_proto::v1 as pb;
+
+pub const MODEL: &str = "llama-3-70b";
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+pub fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+pub struct Mock {
+    pub name: String,
+    pub tier: String,
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Mock {
+    pub async fn start(dir: &Path, name: &str, tier: &str, extra: &[&str]) -> Mock {
+        let mut a = args(&["mock", "--name", name, "--tier", tier, "--model", MODEL]);
+        a.extend(args(extra));
+        let (proc, addr) = Proc::spawn_announced(bin(), &a, dir, name)
+            .await
+            .expect("mock starts");
+        Mock {
+            name: name.into(),
+            tier: tier.into(),
+            addr,
+            proc,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn configure(&self, http: &reqwest::Client, patch: serde_json::Value) {
+        let r = http
+            .post(self.url("/admin/config"))
+            .json(&patch)
+            .send()
+            .await
+            .expect("mock admin");
+        assert!(
+            r.status().is_success(),
+            "mock config refused: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    pub async fn stats(&self, http: &reqwest::Client) -> serde_json::Value {
+        http.get(self.url("/admin/stats"))
+            .send()
+            .await
+            .expect("mock stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    pub async fn requests(&self, http: &reqwest::Client) -> u64 {
+        self.stats(http).await["requests"]
+            .as_u64()
+            .expect("requests count")
+    }
+}
+
+pub struct Stack {
+    pub dir: PathBuf,
+    pub mocks: Vec<Mock>,
+    pub policy: PathBuf,
+    pub control: Proc,
+    pub control_addr: SocketAddr,
+    pub sidecar: Proc,
+    pub sidecar_addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+/// A policy over `mocks` with one class whose weights are given by name;
+/// prices rise with the mock's position.
+pub fn policy_text(mocks: &[Mock], weights: &[(&str, f64)]) -> String {
+    let eps: Vec<PolicyEndpoint<'_>> = mocks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| PolicyEndpoint {
+            name: &m.name,
+            addr: m.addr,
+            tier: &m.tier,
+            model: MODEL,
+            price_in: i as f64,
+            price_out: i as f64 * 2.0,
+        })
+        .collect();
+    cluster::policy_yaml(&eps, weights)
+}
+
+impl Stack {
+    pub fn policy_text(&self, weights: &[(&str, f64)]) -> String {
+        policy_text(&self.mocks, weights)
+    }
+
+    /// Mocks `(name, tier, extra mock args)`, the initial weights, and extra
+    /// sidecar arguments.
+    pub async fn start(
+        label: &str,
+        mocks: &[(&str, &str, &[&str])],
+        weights: &[(&str, f64)],
+        sidecar_extra: &[&str],
+    ) -> Stack {
+        Self::start_with(label, mocks, |m| policy_text(m, weights), sidecar_extra).await
+    }
+
+    /// Like `start`, with the policy written by `policy` from the started mocks.
+    pub async fn start_with(
+        label: &str,
+        mocks: &[(&str, &str, &[&str])],
+        policy: impl FnOnce(&[Mock]) -> String,
+        sidecar_extra: &[&str],
+    ) -> Stack {
+        let dir = cluster::run_dir(label).expect("run dir");
+        let mut started = Vec::new();
+        for (name, tier, extra) in mocks {
+            started.push(Mock::start(&dir, name, tier, extra).await);
+        }
+        let text = policy(&started);
+        let policy = dir.join("policy.yaml");
+        cluster::write_atomic(&policy, &text).expect("policy");
+        let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(128)
+            .build()
+            .expect("http client");
+        let mut extra = vec!["--id", label];
+        extra.extend_from_slice(sidecar_extra);
+        let (sidecar, sidecar_addr) =
+            cluster::start_sidecar(bin(), &dir, control_addr, &extra, &http)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        Stack {
+            dir,
+            mocks: started,
+            policy,
+            control,
+            control_addr,
+            sidecar,
+            sidecar_addr,
+            http,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sidecar_addr)
+    }
+
+    pub async fn status(&self) -> Option<pb::StatusResponse> {
+        status(self.control_addr).await
+    }
+
+    /// Waits until the sidecar ACKed the control plane's current version;
+    /// returns that version.
+    pub async fn wait_acked_above(&self, above: u64) -> u64 {
+        wait_acked_above(self.control_addr, above).await
+    }
+
+    /// The sidecar's `/metrics` value for a series (name and labels as
+    /// rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    }
+
+    pub fn chat_body(&self, stream: bool) -> serde_json::Value {
+        serde_json::json!({
+            "model": MODEL,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hello"}],
+        })
+    }
+
+    /// Sends one chat completion and reads the whole answer; returns the
+    /// status, the endpoint header and the body.
+    pub async fn chat(&self, stream: bool) -> (u16, String, String) {
+        let r = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .json(&self.chat_body(stream))
+            .send()
+            .await
+            .expect("sidecar answers");
+        let status = r.status().as_u16();
+        let endpoint = r
+            .headers()
+            .get("x-switchyard-endpoint")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = r.text().await.expect("body");
+        (status, endpoint, body)
+    }
+}
+
+pub async fn start_control(dir: &Path, policy: &Path, listen: &str) -> (Proc, SocketAddr) {
+    cluster::start_control(bin(), dir, policy, listen, &["--reload-ms", "100"])
+        .await
+        .expect("control plane starts")
+}
+
+pub async fn status(control: SocketAddr) -> Option<pb::StatusResponse> {
+    let mut c = pb::admin_client::AdminClient::connect(format!("http://{control}"))
+        .await
+        .ok()?;
+    c.status(pb::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+pub async fn wait_acked_above(control: SocketAddr, above: u64) -> u64 {
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = status(control).await {
+            if s.table_version > above
+                && s.sidecars
+                    .iter()
+                    .any(|c| c.connected && c.acked_version == s.table_version)
+            {
+                return s.table_version;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no ACK of a version above {above} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,410 @@
+//! End to end, with real processes on loopback: an independent OpenAI client
+//! through the sidecar, hot swaps under load, control plane loss, NACKs and
+//! bad input.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::types::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs};
+use common::{Stack, MODEL};
+use futures::StreamExt;
+use switchyard::cluster;
+
+fn openai(stack: &Stack) -> async_openai::Client<OpenAIConfig> {
+    async_openai::Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(stack.url("/v1"))
+            .with_api_key("app-key-not-for-providers"),
+    )
+}
+
+async fn mock_content(stack: &Stack, mock: usize, id: &str) -> String {
+    let v: serde_json::Value = stack
+        .http
+        .get(stack.mocks[mock].url(&format!("/admin/completions/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("mock has no completion {id}: {v}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_client_gets_exactly_what_the_provider_produced() {
+    let stack = Stack::start(
+        "openai",
+        &[(
+            "onprem-a",
+            "onprem",
+            &["--output-tokens", "40", "--inter-token-ms", "1"],
+        )],
+        &[],
+        &[],
+    )
+    .await;
+    let client = openai(&stack);
+    let request = CreateChatCompletionRequestArgs::default()
+        .model(MODEL)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("Say something")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+
+    let r = client
+        .chat()
+        .create(request.clone())
+        .await
+        .expect("non-streamed answer");
+    let content = r.choices[0].message.content.clone().expect("content");
+    assert_eq!(content, mock_content(&stack, 0, &r.id).await);
+    assert_eq!(content.split(' ').count(), 40);
+    assert_eq!(r.usage.expect("usage").completion_tokens, 40);
+
+    let mut stream = client
+        .chat()
+        .create_stream(request)
+        .await
+        .expect("stream opens");
+    let mut streamed = String::new();
+    let mut id = String::new();
+    let mut chunks = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk parses");
+        id = chunk.id.clone();
+        chunks += 1;
+        if let Some(c) = chunk.choices.first().and_then(|c| c.delta.content.clone()) {
+            streamed.push_str(&c);
+        }
+    }
+    assert!(chunks > 40, "streamed chunk by chunk, got {chunks} chunks");
+    assert_eq!(streamed, mock_content(&stack, 0, &id).await);
+    assert_eq!(streamed.split(' ').count(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chunks_reach_the_app_before_the_answer_is_complete() {
+    // 20 tokens 50 ms apart: a buffering proxy would deliver everything
+    // after about a second, in one piece.
+    let stack = Stack::start(
+        "chunked",
+        &[(
+            "onprem-a",
+            "onprem",
+            &["--output-tokens", "20", "--inter-token-ms", "50"],
+        )],
+        &[],
+        &[],
+    )
+    .await;
+    let r = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .json(&stack.chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.expect("a first chunk").unwrap();
+    let first = String::from_utf8_lossy(&first).to_string();
+    assert!(first.starts_with("data: "), "{first}");
+    assert!(
+        !first.contains("[DONE]"),
+        "the first read held the whole stream: {first}"
+    );
+    let mut rest = String::new();
+    while let Some(c) = body.next().await {
+        rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_loses_nothing_and_moves_all_traffic() {
+    let stack = Arc::new(
+        Stack::start(
+            "hotswap",
+            &[
+                ("old", "onprem", &["--ttft-ms", "20"]),
+                ("new", "onprem", &["--ttft-ms", "20"]),
+            ],
+            &[("old", 1.0), ("new", 0.0)],
+            &[],
+        )
+        .await,
+    );
+    let first_version = stack.wait_acked_above(0).await;
+
+    // (started after the ACK was seen, endpoint, status)
+    let results = Arc::new(Mutex::new(Vec::<(bool, String, u16)>::new()));
+    let acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..64)
+        .map(|w: usize| {
+            let (stack, results, acked, in_flight, peak, stop) = (
+                stack.clone(),
+                results.clone(),
+                acked.clone(),
+                in_flight.clone(),
+                peak.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let after = acked.load(Ordering::SeqCst);
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let (status, endpoint, _) = stack.chat((w + n).is_multiple_of(2usize)).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    results.lock().unwrap().push((after, endpoint, status));
+                }
+            })
+        })
+        .collect();
+
+    // Let traffic build up, then move all weight.
+    while results.lock().unwrap().len() < 300 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster::write_atomic(
+        &stack.policy,
+        &stack.policy_text(&[("old", 0.0), ("new", 1.0)]),
+    )
+    .unwrap();
+    let v = stack.wait_acked_above(first_version).await;
+    acked.store(true, Ordering::SeqCst);
+    let seen_at_ack = results.lock().unwrap().len();
+    while results.lock().unwrap().len() < seen_at_ack + 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let results = results.lock().unwrap();
+    assert!(peak.load(Ordering::SeqCst) >= 50, "fewer than 50 in flight");
+    let failed: Vec<_> = results.iter().filter(|r| r.2 != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        results.iter().any(|r| !r.0 && r.1 == "old"),
+        "traffic ran on the old table"
+    );
+    let after: Vec<_> = results.iter().filter(|r| r.0).collect();
+    assert!(after.len() >= 500);
+    let strays: Vec<_> = after.iter().filter(|r| r.1 != "new").collect();
+    assert!(
+        strays.is_empty(),
+        "{} requests after the ACK of {v} went elsewhere",
+        strays.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_outlives_its_control_plane_and_reconnects() {
+    let mut stack = Stack::start("ctlkill", &[("onprem-a", "onprem", &[])], &[], &[]).await;
+    let before = stack.wait_acked_above(0).await;
+
+    stack.control.kill().await.unwrap();
+    for stream in [false, true, false, true] {
+        let (status, endpoint, body) = stack.chat(stream).await;
+        assert_eq!((status, endpoint.as_str()), (200, "onprem-a"), "{body}");
+    }
+    let ready = stack.http.get(stack.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let (control, addr) =
+        common::start_control(&stack.dir, &stack.policy, &stack.control_addr.to_string()).await;
+    stack.control = control;
+    assert_eq!(addr, stack.control_addr);
+    let after = stack.wait_acked_above(before).await;
+    assert!(after > before);
+    let (status, _, _) = stack.chat(false).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_edit_is_refused_and_the_old_table_stays() {
+    let stack = Stack::start("badedit", &[("onprem-a", "onprem", &[])], &[], &[]).await;
+    let v = stack.wait_acked_above(0).await;
+    let broken = stack.policy_text(&[]).replace("tier: onprem", "tier: moon");
+    cluster::write_atomic(&stack.policy, &broken).unwrap();
+    // The control plane logs the refusal with the field and line; wait for it.
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !stack.control.log_text().contains("endpoints[0].tier") {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no refusal logged:\n{}",
+            stack.control.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = stack.control.log_text();
+    assert!(log.contains("line 5"), "the error names the line: {log}");
+    assert_eq!(
+        common::status(stack.control_addr)
+            .await
+            .unwrap()
+            .table_version,
+        v
+    );
+    let (status, _, _) = stack.chat(false).await;
+    assert_eq!(status, 200);
+}
+
+async fn openai_error(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.expect("an error body in JSON");
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].is_string(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
+    let stack = Stack::start(
+        "badinput",
+        &[("onprem-a", "onprem", &[])],
+        &[],
+        &["--max-body-bytes", "2048"],
+    )
+    .await;
+    let chat = stack.url("/v1/chat/completions");
+    let post = |body: Vec<u8>| {
+        stack
+            .http
+            .post(&chat)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    let (s, b) = openai_error(post(b"{\"model\": ".to_vec()).await.unwrap()).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["type"], "invalid_request_error");
+
+    let (s, b) = openai_error(post(br#"{"messages": []}"#.to_vec()).await.unwrap()).await;
+    assert_eq!(
+        (s, b["error"]["param"].as_str()),
+        (400, Some("model")),
+        "{b}"
+    );
+
+    let (s, b) = openai_error(
+        post(br#"{"model": "gpt-9", "messages": []}"#.to_vec())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{b}"
+    );
+
+    let big = format!(
+        r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "{}"}}]}}"#,
+        "x".repeat(4096)
+    );
+    let (s, b) = openai_error(post(big.clone().into_bytes()).await.unwrap()).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (413, Some("request_too_large")),
+        "{b}"
+    );
+
+    // The same, chunked, with no Content-Length to refuse it up front.
+    let chunks = futures::stream::iter(
+        big.into_bytes()
+            .chunks(512)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = stack
+        .http
+        .post(&chat)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let (s, _) = openai_error(r).await;
+    assert_eq!(s, 413);
+
+    let (s, b) = openai_error(
+        stack
+            .http
+            .post(stack.url("/v1/embeddings"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 404, "{b}");
+    let (s, _) = openai_error(stack.http.get(&chat).send().await.unwrap()).await;
+    assert_eq!(s, 405);
+    let (s, b) = openai_error(
+        stack
+            .http
+            .post(&chat)
+            .header("x-switchyard-class", "nope")
+            .json(&stack.chat_body(false))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("unknown_class"))
+    );
+
+    for stream in [false, true] {
+        let (status, endpoint, _) = stack.chat(stream).await;
+        assert_eq!((status, endpoint.as_str()), (200, "onprem-a"));
+    }
+    let models: serde_json::Value = stack
+        .http
+        .get(stack.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(
+        stack.mocks[0].requests(&stack.http).await,
+        2,
+        "no bad request reached the provider"
+    );
+}
