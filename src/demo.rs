@@ -209,7 +209,7 @@ async fn worker(http: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>, w: u
     let mut n = 0u64;
     loop {
         n += 1;
-        let stream = (n + w as u64) % 2 == 0;
+        let stream = (n + w as u64).is_multiple_of(2);
         let body = serde_json::json!({
             "model": MODEL,
             "stream": stream,

@@ -55,10 +55,18 @@ enum StreamError {
     Address(String),
     #[error("connecting: {0}")]
     Connect(#[from] tonic::transport::Error),
+    /// Boxed: a `tonic::Status` is large, and this error travels in every
+    /// `Result` of the stream loops (clippy::result_large_err).
     #[error("stream: {0}")]
-    Status(#[from] tonic::Status),
+    Status(Box<tonic::Status>),
     #[error("the control plane closed the stream")]
     Closed,
+}
+
+impl From<tonic::Status> for StreamError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(Box::new(s))
+    }
 }
 
 pub struct ControlClient {
