@@ -37,7 +37,13 @@ pub fn own() -> Result<PathBuf, RttError> {
         .map_err(|e| RttError::Cgroup(format!("reading /proc/self/cgroup: {e}")))?;
     let rel = parse_own(&text)
         .ok_or_else(|| RttError::Cgroup("/proc/self/cgroup has no cgroup v2 (0::) line".into()))?;
-    Ok(mount_point()?.join(rel))
+    let mount = mount_point()?;
+    // Joining "" would leave a trailing slash on the root cgroup.
+    Ok(if rel.is_empty() {
+        mount
+    } else {
+        mount.join(rel)
+    })
 }
 
 /// The cgroup v2 path relative to the mount point, from `/proc/self/cgroup`.
