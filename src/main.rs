@@ -51,6 +51,16 @@ enum Command {
         /// Largest request body accepted, in bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body_bytes: usize,
+        /// Where endpoint RTT comes from: `ebpf` (a sock_ops program; fail
+        /// if it cannot load), `tcp-info` (read the sidecar's own upstream
+        /// sockets; loads nothing), or `auto` (eBPF, else tcp-info).
+        #[arg(long, default_value_t = switchyard_rtt::RttMode::Auto)]
+        rtt_source: switchyard_rtt::RttMode,
+        /// cgroup v2 directory to attach the eBPF program to; default: the
+        /// sidecar's own cgroup. Only connections of processes in it (or
+        /// below it) are measured.
+        #[arg(long)]
+        rtt_cgroup: Option<PathBuf>,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -133,6 +143,8 @@ fn main() -> anyhow::Result<()> {
             id,
             threads,
             max_body_bytes,
+            rtt_source,
+            rtt_cgroup,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
             switchyard_dataplane::run(switchyard_dataplane::SidecarConfig {
@@ -141,6 +153,8 @@ fn main() -> anyhow::Result<()> {
                 sidecar_id,
                 threads,
                 max_body_bytes,
+                rtt_mode: rtt_source,
+                rtt_cgroup,
             })?;
             Ok(())
         }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::rtt::RttView;
 use crate::table::{self, Table};
 use crate::usage::Usage;
 
@@ -74,6 +75,7 @@ pub struct ControlClient {
     pub sidecar_id: String,
     pub tables: Arc<ArcSwapOption<Table>>,
     pub usage: Arc<Usage>,
+    pub rtt: Arc<RttView>,
 }
 
 impl ControlClient {
@@ -192,11 +194,14 @@ impl ControlClient {
         tick.tick().await;
         loop {
             tick.tick().await;
+            let table = self.tables.load_full();
+            let mut endpoints = self.usage.take_report();
+            self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),
-                table_version: self.tables.load().as_ref().map_or(0, |t| t.version),
+                table_version: table.as_ref().map_or(0, |t| t.version),
                 window_ms: REPORT_EVERY.as_millis() as u32,
-                endpoints: self.usage.take_report(),
+                endpoints,
             };
             if tx.send(report).await.is_err() {
                 break;

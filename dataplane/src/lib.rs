@@ -6,7 +6,8 @@
 //! (weighted choice), `classify` (reading the request), `forward` (one
 //! upstream attempt), `proxy` (the `ProxyHttp` impl), `control` (the Watch
 //! and telemetry streams), `usage` (what is counted), `reply` (errors in
-//! OpenAI's shape).
+//! OpenAI's shape), `rtt` (kernel RTT per endpoint for telemetry and
+//! `/metrics`).
 #![forbid(unsafe_code)]
 
 pub mod balance;
@@ -15,6 +16,7 @@ pub mod control;
 pub mod forward;
 pub mod proxy;
 pub mod reply;
+pub mod rtt;
 pub mod table;
 pub mod usage;
 
@@ -35,12 +37,19 @@ pub struct SidecarConfig {
     pub sidecar_id: String,
     pub threads: usize,
     pub max_body_bytes: usize,
+    /// Where endpoint RTT comes from: eBPF, TCP_INFO, or eBPF when it loads.
+    pub rtt_mode: switchyard_rtt::RttMode,
+    /// cgroup v2 directory the eBPF program attaches to; `None`: the
+    /// sidecar's own.
+    pub rtt_cgroup: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
     #[error("starting the control thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("RTT source: {0}")]
+    Rtt(#[from] switchyard_rtt::RttError),
 }
 
 /// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
@@ -48,11 +57,19 @@ pub enum SidecarError {
 pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
     let usage = Arc::new(usage::Usage::default());
+    // Before anything listens, so `--rtt-source ebpf` that cannot load
+    // fails the start instead of running without what was asked for.
+    let rtt = Arc::new(rtt::RttView::new(switchyard_rtt::open(
+        config.rtt_mode,
+        config.rtt_cgroup.as_deref(),
+    )?));
+    rtt::install(rtt.clone());
     control::ControlClient {
         address: config.control.clone(),
         sidecar_id: config.sidecar_id.clone(),
         tables: tables.clone(),
         usage: usage.clone(),
+        rtt: rtt.clone(),
     }
     .spawn()?;
 
@@ -72,6 +89,7 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         usage,
         connector,
         max_body_bytes: config.max_body_bytes,
+        rtt,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, sidecar);
     service.add_tcp(&config.listen);

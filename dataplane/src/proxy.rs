@@ -30,6 +30,7 @@ pub struct Sidecar {
     pub usage: Arc<Usage>,
     pub connector: Connector,
     pub max_body_bytes: usize,
+    pub rtt: Arc<crate::rtt::RttView>,
 }
 
 /// Per-request state, read by `logging()`.
@@ -471,6 +472,12 @@ impl ProxyHttp for Sidecar {
                     self.error(session, ctx, e).await?
                 }
             },
+            ("GET", "/metrics") => {
+                let body = self.rtt.metrics(self.tables.load_full().as_deref());
+                let ct = "text/plain; version=0.0.4";
+                self.respond(session, ctx, 200, ct, Bytes::from(body))
+                    .await?
+            }
             ("GET", "/healthz") => {
                 self.respond(session, ctx, 200, "text/plain", Bytes::from_static(b"ok\n"))
                     .await?
@@ -485,7 +492,7 @@ impl ProxyHttp for Sidecar {
                     self.respond(session, ctx, 503, "text/plain", body).await?
                 }
             },
-            (_, CHAT_PATH | "/v1/models" | "/healthz" | "/readyz") => {
+            (_, CHAT_PATH | "/v1/models" | "/healthz" | "/readyz" | "/metrics") => {
                 let e = ApiError::invalid(format!("method {method} is not allowed on {path}"));
                 let e = ApiError { status: 405, ..e };
                 self.error(session, ctx, e).await?
