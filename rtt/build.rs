@@ -44,6 +44,10 @@ fn main() {
             // directory; the program is its own workspace (excluded from
             // the root one), so that must be the program's directory.
             std::env::set_current_dir(&program_dir).expect("entering ebpf/program");
+            // aya-build relays the inner cargo's stderr as build warnings;
+            // without this every rebuild prints each crate it compiles.
+            // Compiler diagnostics still come through (as JSON on stdout).
+            std::env::set_var("CARGO_TERM_QUIET", "true");
             let root = program_dir.canonicalize().expect("ebpf/program exists");
             let package = aya_build::Package {
                 name: "switchyard-rtt-ebpf",
