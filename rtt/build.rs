@@ -38,6 +38,12 @@ fn main() {
             println!("cargo:warning=building without the eBPF RTT program: {reason}; run scripts/setup-ebpf.sh to build it");
             std::fs::write(out_dir.join(OBJECT), []).expect("writing the empty object marker");
             println!("cargo:rustc-env=SWITCHYARD_RTT_EBPF_MISSING={reason}");
+            // scripts/setup-ebpf.sh installs bpf-linker last, into cargo's
+            // bin directory: watching it makes the next build pick the
+            // toolchain up without a clean.
+            if let Some(bin) = cargo_bin_dir() {
+                println!("cargo:rerun-if-changed={}", bin.display());
+            }
         }
         None => {
             // aya-build runs `cargo build --package` in the current
@@ -87,6 +93,14 @@ fn missing_toolchain() -> Option<String> {
         return Some("bpf-linker is not installed or does not run".into());
     }
     None
+}
+
+fn cargo_bin_dir() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let bin = home.join("bin");
+    bin.is_dir().then_some(bin)
 }
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
