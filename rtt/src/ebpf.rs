@@ -42,8 +42,8 @@ pub fn built() -> Result<(), RttError> {
 /// The sock_ops program attached to one cgroup, and its map.
 pub struct EbpfRtt {
     map: HashMap<MapData, RttKey, RttValue>,
-    // Declared after `map` only for clarity: dropping `Ebpf` detaches and
-    // unloads the program; the map stays readable until it drops too.
+    /// Owns the program and its link. `Drop` detaches the link explicitly
+    /// first; dropping this closes the remaining descriptors.
     ebpf: aya::Ebpf,
     link: Option<aya::programs::sock_ops::SockOpsLinkId>,
     cgroup: PathBuf,
@@ -69,9 +69,10 @@ impl EbpfRtt {
     pub fn attach(cgroup: Option<&Path>) -> Result<Self, RttError> {
         built()?;
         use aya::util::KernelVersion;
-        // An unreadable version is let through: aya then decides by its own
-        // reading, and only kernels that old attach without a link.
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 7, 0)) {
+        // aya attaches through a link only when it reads 5.7 or later, and
+        // otherwise uses the legacy attachment that outlives the process;
+        // an unreadable version is refused for the same reason.
+        if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
             return Err(RttError::OldKernel);
         }
         let cgroup = match cgroup {

@@ -106,7 +106,7 @@ impl std::fmt::Display for RttMode {
 pub enum RttError {
     #[error("this build has no eBPF RTT program ({0})")]
     NotBuilt(&'static str),
-    #[error("the kernel is older than 5.7: cgroup programs could only be attached in a way that outlives the sidecar")]
+    #[error("the kernel is older than 5.7 (or its version is unreadable): cgroup programs could only be attached in a way that outlives the sidecar")]
     OldKernel,
     #[error("cgroup: {0}")]
     Cgroup(String),
@@ -185,7 +185,7 @@ pub fn ebpf_unavailable() -> Option<String> {
         );
     }
     use aya::util::KernelVersion;
-    if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 7, 0)) {
+    if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
         return Some(RttError::OldKernel.to_string());
     }
     None
