@@ -22,6 +22,29 @@ pub struct Proc {
 impl Proc {
     /// Spawns `bin args`, with stderr going to `dir/name.log`.
     pub fn spawn(bin: &Path, args: &[String], dir: &Path, name: &str) -> anyhow::Result<Proc> {
+        Self::spawn_inner(bin, args, dir, name, None)
+    }
+
+    /// Spawns like [`Proc::spawn`], with the child moved into the cgroup v2
+    /// directory `cgroup` before it executes, so every socket it opens, and
+    /// the cgroup it finds itself in, are that one's.
+    pub fn spawn_in_cgroup(
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+        name: &str,
+        cgroup: &Path,
+    ) -> anyhow::Result<Proc> {
+        Self::spawn_inner(bin, args, dir, name, Some(cgroup))
+    }
+
+    fn spawn_inner(
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+        name: &str,
+        cgroup: Option<&Path>,
+    ) -> anyhow::Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).with_context(|| format!("creating {log:?}"))?;
         let mut cmd = Command::new(bin);
@@ -31,6 +54,9 @@ impl Proc {
             .stderr(stderr)
             .kill_on_drop(true);
         die_with_parent(&mut cmd);
+        if let Some(cgroup) = cgroup {
+            join_cgroup_before_exec(&mut cmd, cgroup)?;
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {bin:?} {args:?}"))?;
@@ -108,6 +134,11 @@ impl Proc {
         Ok(())
     }
 
+    /// Waits for the process to exit and reaps it.
+    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+
     /// Kills at once and reaps.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
@@ -132,6 +163,33 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+#[allow(unsafe_code)]
+fn join_cgroup_before_exec(cmd: &mut Command, cgroup: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // Prepared before the fork: the child may not allocate.
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+    // SAFETY: between fork and exec the closure only makes async-signal-safe
+    // calls (open, write, close, reading errno) on memory prepared before
+    // the fork; it touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 #[allow(unsafe_code)]

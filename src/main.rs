@@ -77,6 +77,16 @@ enum Command {
         /// Failure rate over 10 s (and 10+ requests) that ejects; above 1 never.
         #[arg(long, default_value_t = 0.5)]
         eject_failure_rate: f64,
+        /// Where endpoint RTT comes from: `ebpf` (a sock_ops program; fail
+        /// if it cannot load), `tcp-info` (read the sidecar's own upstream
+        /// sockets; loads nothing), or `auto` (eBPF, else tcp-info).
+        #[arg(long, default_value_t = switchyard_rtt::RttMode::Auto)]
+        rtt_source: switchyard_rtt::RttMode,
+        /// cgroup v2 directory to attach the eBPF program to; default: the
+        /// sidecar's own cgroup. Only connections of processes in it (or
+        /// below it) are measured.
+        #[arg(long)]
+        rtt_cgroup: Option<PathBuf>,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -278,6 +288,8 @@ fn main() -> anyhow::Result<()> {
             eject_after,
             eject_ms,
             eject_failure_rate,
+            rtt_source,
+            rtt_cgroup,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
             let base = Duration::from_millis(eject_ms);
@@ -295,6 +307,8 @@ fn main() -> anyhow::Result<()> {
                     failure_rate: eject_failure_rate,
                     ..Default::default()
                 },
+                rtt_mode: rtt_source,
+                rtt_cgroup,
             })?;
             Ok(())
         }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::rtt::RttView;
 use crate::table::{self, Live, Table};
 use crate::usage::Usage;
 
@@ -55,10 +56,18 @@ enum StreamError {
     Address(String),
     #[error("connecting: {0}")]
     Connect(#[from] tonic::transport::Error),
+    /// Boxed: a `tonic::Status` is large, and this error travels in every
+    /// `Result` of the stream loops (clippy::result_large_err).
     #[error("stream: {0}")]
-    Status(#[from] Box<tonic::Status>),
+    Status(Box<tonic::Status>),
     #[error("the control plane closed the stream")]
     Closed,
+}
+
+impl From<tonic::Status> for StreamError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(Box::new(s))
+    }
 }
 
 pub struct ControlClient {
@@ -67,6 +76,7 @@ pub struct ControlClient {
     pub tables: Arc<ArcSwapOption<Table>>,
     pub usage: Arc<Usage>,
     pub live: Arc<Live>,
+    pub rtt: Arc<RttView>,
 }
 
 impl ControlClient {
@@ -129,12 +139,8 @@ impl ControlClient {
             })),
         };
         tx.send(hello).await.map_err(|_| StreamError::Closed)?;
-        let mut updates = client
-            .watch(ReceiverStream::new(rx))
-            .await
-            .map_err(Box::new)?
-            .into_inner();
-        while let Some(update) = updates.message().await.map_err(Box::new)? {
+        let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        while let Some(update) = updates.message().await? {
             backoff.reset();
             let version = update.table.as_ref().map_or(0, |t| t.version);
             let reply = match self.apply(&update).await {
@@ -189,11 +195,14 @@ impl ControlClient {
         tick.tick().await;
         loop {
             tick.tick().await;
+            let table = self.tables.load_full();
+            let mut endpoints = self.usage.take_report(&self.live.endpoints);
+            self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),
-                table_version: self.tables.load().as_ref().map_or(0, |t| t.version),
+                table_version: table.as_ref().map_or(0, |t| t.version),
                 window_ms: REPORT_EVERY.as_millis() as u32,
-                endpoints: self.usage.take_report(&self.live.endpoints),
+                endpoints,
             };
             if tx.send(report).await.is_err() {
                 break;
@@ -202,7 +211,7 @@ impl ControlClient {
         }
         match call.await {
             Ok(Ok(_)) | Err(_) => Err(StreamError::Closed),
-            Ok(Err(status)) => Err(Box::new(status).into()),
+            Ok(Err(status)) => Err(status.into()),
         }
     }
 }

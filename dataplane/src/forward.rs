@@ -91,6 +91,7 @@ pub async fn open(
         .await
         .map_err(|_| timed_out())?
         .map_err(|e| AttemptError::Connect(e.to_string()))?;
+    crate::rtt::observe_upstream(&session, &ep.peer, reused);
     let broken = |e: Box<pingora::Error>| {
         if is_connect(&e) {
             AttemptError::Connect(e.to_string())

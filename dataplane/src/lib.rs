@@ -6,7 +6,8 @@
 //! (weighted choice), `classify` (reading the request), `forward` (one
 //! upstream attempt), `proxy` (the `ProxyHttp` impl), `control` (the Watch
 //! and telemetry streams), `usage` (what is counted), `reply` (errors in
-//! OpenAI's shape).
+//! OpenAI's shape), `rtt` (kernel RTT per endpoint for telemetry and
+//! `/metrics`).
 #![forbid(unsafe_code)]
 
 pub mod balance;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reply;
 pub mod retry;
+pub mod rtt;
 pub mod shed;
 pub mod table;
 pub mod usage;
@@ -42,12 +44,19 @@ pub struct SidecarConfig {
     /// Requests that may wait for capacity before lower classes are shed.
     pub queue_limit: usize,
     pub outlier: health::OutlierPolicy,
+    /// Where endpoint RTT comes from: eBPF, TCP_INFO, or eBPF when it loads.
+    pub rtt_mode: switchyard_rtt::RttMode,
+    /// cgroup v2 directory the eBPF program attaches to; `None`: the
+    /// sidecar's own.
+    pub rtt_cgroup: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
     #[error("starting the control thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("RTT source: {0}")]
+    Rtt(#[from] switchyard_rtt::RttError),
 }
 
 /// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
@@ -56,12 +65,20 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
     let usage = Arc::new(usage::Usage::default());
     let live = Arc::new(table::Live::default());
+    // Before anything listens, so `--rtt-source ebpf` that cannot load
+    // fails the start instead of running without what was asked for.
+    let rtt = Arc::new(rtt::RttView::new(switchyard_rtt::open(
+        config.rtt_mode,
+        config.rtt_cgroup.as_deref(),
+    )?));
+    rtt::install(rtt.clone());
     control::ControlClient {
         address: config.control.clone(),
         sidecar_id: config.sidecar_id.clone(),
         tables: tables.clone(),
         usage: usage.clone(),
         live: live.clone(),
+        rtt: rtt.clone(),
     }
     .spawn()?;
 
@@ -85,6 +102,7 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         outlier: config.outlier,
         connector,
         max_body_bytes: config.max_body_bytes,
+        rtt,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, sidecar);
     service.add_tcp(&config.listen);

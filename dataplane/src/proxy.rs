@@ -39,6 +39,7 @@ pub struct Sidecar {
     pub outlier: OutlierPolicy,
     pub connector: Connector,
     pub max_body_bytes: usize,
+    pub rtt: Arc<crate::rtt::RttView>,
 }
 
 /// Per-request state, read by `logging()`.
@@ -116,7 +117,7 @@ impl Sidecar {
         .await
     }
 
-    fn render_metrics(&self) -> Bytes {
+    fn render_metrics(&self) -> String {
         use std::fmt::Write;
         let mut out = String::with_capacity(4096);
         self.metrics.render(&mut out);
@@ -146,7 +147,7 @@ impl Sidecar {
                 u8::from(s.ejected(now))
             );
         }
-        Bytes::from(out)
+        out
     }
 
     /// Reads the whole request body, refusing more than the limit.
@@ -888,8 +889,10 @@ impl ProxyHttp for Sidecar {
                 }
             },
             ("GET", "/metrics") => {
-                let body = self.render_metrics();
-                self.respond(session, ctx, 200, "text/plain; version=0.0.4", body)
+                let mut body = self.render_metrics();
+                body.push_str(&self.rtt.metrics(self.tables.load_full().as_deref()));
+                let ct = "text/plain; version=0.0.4";
+                self.respond(session, ctx, 200, ct, Bytes::from(body))
                     .await?
             }
             ("GET", "/healthz") => {
