@@ -237,6 +237,10 @@ pub async fn start_control(
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let policy = policy.to_str().context("policy path is not UTF-8")?;
     let mut a = strings(&["control", "--listen", listen, "--policy", policy]);
+    if !extra.iter().any(|x| *x == "--state-dir" || *x == "--db") {
+        let state = dir.join("state");
+        a.extend(["--state-dir".to_string(), state.display().to_string()]);
+    }
     a.extend(strings(extra));
     Proc::spawn_announced(bin, &a, dir, "control").await
 }

@@ -39,7 +39,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
         /// Directory for durable state (switchyard.db: kill switches,
-        /// drains, overrides, the audit log, the last decision).
+        /// drains, overrides, the audit log, the last decision). Default:
+        /// `switchyard-state` in the working directory.
         #[arg(long, conflicts_with = "db")]
         state_dir: Option<PathBuf>,
         /// The SQLite database file itself, instead of --state-dir.
@@ -321,14 +322,19 @@ fn main() -> anyhow::Result<()> {
             db,
             admin_token,
         } => runtime()?.block_on(async move {
+            // State is durable unless a caller names a database: the audit
+            // log must survive restarts.
             let db = match (state_dir, db) {
-                (Some(dir), _) => {
+                (_, Some(db)) => db,
+                (dir, None) => {
+                    let dir = dir.unwrap_or_else(|| PathBuf::from("switchyard-state"));
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating the state directory {dir:?}"))?;
-                    Some(dir.join("switchyard.db"))
+                    dir.join("switchyard.db")
                 }
-                (None, db) => db,
             };
+            tracing::info!(db = %db.display(), "control plane state");
+            let db = Some(db);
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;

@@ -105,10 +105,8 @@ async fn start(rtt_args: &[&str], cgroup: Option<&Path>) -> anyhow::Result<Runni
         &policy,
         &cluster::policy_yaml(&[endpoint], &[(ENDPOINT, 1.0)]),
     )?;
-    let mut control_args = strings(&["control", "--listen", "127.0.0.1:0", "--policy"]);
-    control_args.push(policy.display().to_string());
     let (control, control_addr) =
-        Proc::spawn_announced(bin, &control_args, &dir, "control").await?;
+        cluster::start_control(bin, &dir, &policy, "127.0.0.1:0", &[]).await?;
     let addr: SocketAddr = ([127, 0, 0, 1], cluster::free_port()?).into();
     let mut args = strings(&["sidecar", "--id", "rtt-e2e", "--control"]);
     args.extend([
