@@ -396,7 +396,8 @@ impl Sidecar {
                 break;
             }
             // A pooled connection the provider had closed: same endpoint,
-            // new connection, not a retry in the budget's sense.
+            // new connection, counted as a retry but not charged to the
+            // budget (the provider never saw the request).
             let stale = matches!(err, AttemptError::Broken { stale: true, .. });
             let candidate = if stale {
                 Some(*failed_idx)
@@ -406,19 +407,17 @@ impl Sidecar {
             let Some(candidate) = candidate else {
                 break;
             };
-            if !stale {
-                if !lock(&class.retry).try_retry(Instant::now().into_std()) {
-                    self.metrics
-                        .inc(Counter::RetryBudgetExhausted, Some(&class.name), None, "");
-                    break;
-                }
-                let to = &table.endpoints[candidate].name;
+            if !stale && !lock(&class.retry).try_retry(Instant::now().into_std()) {
                 self.metrics
-                    .inc(Counter::Retries, Some(&class.name), Some(to), "");
-                if candidate != *failed_idx {
-                    self.metrics
-                        .inc(Counter::Fallbacks, Some(&class.name), Some(to), "");
-                }
+                    .inc(Counter::RetryBudgetExhausted, Some(&class.name), None, "");
+                break;
+            }
+            let to = &table.endpoints[candidate].name;
+            self.metrics
+                .inc(Counter::Retries, Some(&class.name), Some(to), "");
+            if candidate != *failed_idx {
+                self.metrics
+                    .inc(Counter::Fallbacks, Some(&class.name), Some(to), "");
             }
             next = candidate;
         }
