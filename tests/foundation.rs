@@ -408,3 +408,63 @@ async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
         "no bad request reached the provider"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
+    // The second mock costs 1 per million input tokens and 2 per million
+    // output tokens (see common::policy_text).
+    let stack = Stack::start(
+        "spend",
+        &[
+            ("free", "onprem", &["--output-tokens", "16"]),
+            ("paid", "burst", &["--output-tokens", "16"]),
+        ],
+        &[("free", 0.0), ("paid", 1.0)],
+        &[],
+    )
+    .await;
+    let mut expected = 0.0;
+    for stream in [false, true, false, true, false] {
+        let mut body = stack.chat_body(stream);
+        if stream {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let r = stack
+            .http
+            .post(stack.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-switchyard-endpoint"], "paid");
+        let text = r.text().await.unwrap();
+        // The usage the provider reported, as the app saw it.
+        let usage = text
+            .split("\n\n")
+            .filter_map(|e| {
+                let json = e.trim().strip_prefix("data: ").unwrap_or(e.trim());
+                serde_json::from_str::<serde_json::Value>(json).ok()
+            })
+            .find_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
+            .expect("usage in the answer");
+        let (i, o) = (
+            usage["prompt_tokens"].as_f64().unwrap(),
+            usage["completion_tokens"].as_f64().unwrap(),
+        );
+        expected += (i * 1.0 + o * 2.0) / 1e6;
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = stack.status().await.expect("status");
+        let paid = s.endpoints.iter().find(|e| e.name == "paid").unwrap();
+        if (paid.spend_usd - expected).abs() < 1e-12 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "spend {} never reached {expected}",
+            paid.spend_usd
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

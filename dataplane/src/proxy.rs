@@ -25,7 +25,7 @@ use crate::metrics::{Counter, Metrics};
 use crate::reply::ApiError;
 use crate::shed::Admission;
 use crate::table::{Degrade, Endpoint, Live, Route, RouteError, Table, CHAT_PATH};
-use crate::usage::{ErrorKind, Outcome, Usage};
+use crate::usage::{ErrorKind, Outcome, Usage, UsageScan};
 
 /// Attempts per request, hedges and stale-connection retries included.
 const MAX_ATTEMPTS: usize = 4;
@@ -471,14 +471,7 @@ impl Sidecar {
     /// throttling after a 429.
     fn failed(&self, ep: &Endpoint, e: &AttemptError, took: Duration) {
         let now = std::time::Instant::now();
-        self.usage.record(
-            &ep.name,
-            Outcome {
-                error: Some(e.kind()),
-                ttft: None,
-                latency: took,
-            },
-        );
+        self.usage.record(&ep.name, Outcome::failed(e.kind(), took));
         if let AttemptError::Status {
             status: 429,
             retry_after,
@@ -588,13 +581,17 @@ impl Sidecar {
             error: None,
             ttft: Some(ttft),
             latency: Duration::ZERO,
+            tokens: None,
+            spend_usd: 0.0,
         };
+        let mut scan = UsageScan::new(sse);
         let result = async {
             session
                 .write_response_header(Box::new(resp), false)
                 .await
                 .map_err(downstream_err)?;
             if let Some(chunk) = first {
+                scan.feed(&chunk);
                 session
                     .write_response_body(Some(chunk), done)
                     .await
@@ -605,6 +602,7 @@ impl Sidecar {
                 let next = tokio::time::timeout_at(wait, up.read_response_body()).await;
                 let reason = match next {
                     Ok(Ok(Some(chunk))) => {
+                        scan.feed(&chunk);
                         session
                             .write_response_body(Some(chunk), false)
                             .await
@@ -649,6 +647,10 @@ impl Sidecar {
         }
         .await;
         outcome.latency = attempt_start.elapsed();
+        outcome.tokens = scan.finish();
+        outcome.spend_usd = outcome.tokens.map_or(0.0, |t| {
+            t.cost(ep.price_input_per_mtok, ep.price_output_per_mtok)
+        });
         self.usage.record(&ep.name, outcome);
         let now = std::time::Instant::now();
         match outcome.error {

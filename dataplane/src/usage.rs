@@ -30,11 +30,123 @@ pub struct Outcome {
     pub error: Option<ErrorKind>,
     pub ttft: Option<Duration>,
     pub latency: Duration,
+    /// Tokens the provider reported, when it did.
+    pub tokens: Option<Tokens>,
+    pub spend_usd: f64,
+}
+
+impl Outcome {
+    pub fn failed(error: ErrorKind, latency: Duration) -> Self {
+        Self {
+            error: Some(error),
+            ttft: None,
+            latency,
+            tokens: None,
+            spend_usd: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl Tokens {
+    /// Cost at prices per million tokens.
+    pub fn cost(&self, input_per_mtok: f64, output_per_mtok: f64) -> f64 {
+        (self.input as f64 * input_per_mtok + self.output as f64 * output_per_mtok) / 1e6
+    }
+}
+
+/// Finds the `usage` a provider reports, in a whole JSON answer or in the
+/// SSE events of a stream (the chunk sent when `stream_options.include_usage`
+/// is set), while the answer passes through untouched. Keeps at most one
+/// event (or, for a JSON answer, a bounded prefix) buffered.
+#[derive(Debug, Default)]
+pub struct UsageScan {
+    sse: bool,
+    buf: Vec<u8>,
+    overflow: bool,
+    found: Option<Tokens>,
+}
+
+/// A JSON answer larger than this is passed on without reading its usage.
+const MAX_SCANNED: usize = 1 << 20;
+
+impl UsageScan {
+    pub fn new(sse: bool) -> Self {
+        Self {
+            sse,
+            ..Self::default()
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.overflow {
+            return;
+        }
+        if self.buf.len() + chunk.len() > MAX_SCANNED {
+            self.overflow = true;
+            self.buf = Vec::new();
+            return;
+        }
+        self.buf.extend_from_slice(chunk);
+        if !self.sse {
+            return;
+        }
+        // Examine complete events; keep the incomplete tail.
+        let mut start = 0;
+        while let Some(end) = find(&self.buf[start..], b"\n\n") {
+            let event = &self.buf[start..start + end];
+            if find(event, b"\"usage\"").is_some() {
+                if let Some(t) = event
+                    .strip_prefix(b"data: ")
+                    .and_then(|json| tokens_of(json))
+                {
+                    self.found = Some(t);
+                }
+            }
+            start += end + 2;
+        }
+        self.buf.drain(..start);
+    }
+
+    pub fn finish(self) -> Option<Tokens> {
+        if self.sse || self.overflow {
+            return self.found;
+        }
+        tokens_of(&self.buf)
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn tokens_of(json: &[u8]) -> Option<Tokens> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Usage>,
+    }
+    let a: Answer = serde_json::from_slice(json).ok()?;
+    a.usage.map(|u| Tokens {
+        input: u.prompt_tokens,
+        output: u.completion_tokens,
+    })
 }
 
 struct Window {
     requests: u64,
     errors: [u64; 5],
+    tokens: Tokens,
+    spend_usd: f64,
     ttft: Histogram<u64>,
     latency: Histogram<u64>,
 }
@@ -49,6 +161,8 @@ impl Window {
         Self {
             requests: 0,
             errors: [0; 5],
+            tokens: Tokens::default(),
+            spend_usd: 0.0,
             ttft: histogram(),
             latency: histogram(),
         }
@@ -81,6 +195,11 @@ impl Usage {
             let _ = w.ttft.record(micros(t));
         }
         let _ = w.latency.record(micros(o.latency));
+        if let Some(t) = o.tokens {
+            w.tokens.input += t.input;
+            w.tokens.output += t.output;
+        }
+        w.spend_usd += o.spend_usd;
     }
 
     /// Takes the windows counted since the last call, as telemetry.
@@ -109,6 +228,9 @@ impl Usage {
                 errors_429: w.errors[ErrorKind::Status429 as usize],
                 ttft_histogram: encode(&w.ttft),
                 latency_histogram: encode(&w.latency),
+                tokens_in: w.tokens.input,
+                tokens_out: w.tokens.output,
+                spend_usd: w.spend_usd,
                 ..Default::default()
             })
             .collect();
@@ -135,6 +257,46 @@ mod tests {
     use hdrhistogram::serialization::Deserializer;
 
     #[test]
+    fn usage_is_found_in_json_answers_and_in_split_sse_events() {
+        let mut j = UsageScan::new(false);
+        j.feed(br#"{"id":"x","usage":{"prompt_tokens":12,"#);
+        j.feed(br#""completion_tokens":30,"total_tokens":42}}"#);
+        assert_eq!(
+            j.finish(),
+            Some(Tokens {
+                input: 12,
+                output: 30
+            })
+        );
+
+        let mut s = UsageScan::new(true);
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
+        s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,");
+        s.feed(b"\"completion_tokens\":7}}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Tokens {
+                input: 5,
+                output: 7
+            })
+        );
+
+        let mut none = UsageScan::new(true);
+        none.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert_eq!(none.finish(), None);
+        assert!(
+            (Tokens {
+                input: 1_000_000,
+                output: 500_000
+            }
+            .cost(1.0, 4.0)
+                - 3.0)
+                .abs()
+                < 1e-9
+        );
+    }
+
+    #[test]
     fn windows_are_taken_whole_and_histograms_round_trip() {
         let u = Usage::default();
         let live = Endpoints::default();
@@ -147,20 +309,23 @@ mod tests {
                     error: None,
                     ttft: Some(Duration::from_millis(ms / 2)),
                     latency: Duration::from_millis(ms),
+                    tokens: Some(Tokens {
+                        input: 10,
+                        output: 20,
+                    }),
+                    spend_usd: 0.5,
                 },
             );
         }
         u.record(
             &a,
-            Outcome {
-                error: Some(ErrorKind::Status429),
-                ttft: None,
-                latency: Duration::from_millis(1),
-            },
+            Outcome::failed(ErrorKind::Status429, Duration::from_millis(1)),
         );
         let r = u.take_report(&live);
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].requests, r[0].errors_429, r[0].in_flight), (4, 1, 1));
+        assert_eq!((r[0].tokens_in, r[0].tokens_out), (30, 60));
+        assert!((r[0].spend_usd - 1.5).abs() < 1e-9);
         let h: Histogram<u64> = Deserializer::new()
             .deserialize(&mut r[0].latency_histogram.as_slice())
             .unwrap();
