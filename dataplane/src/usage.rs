@@ -101,10 +101,7 @@ impl UsageScan {
         while let Some(end) = find(&self.buf[start..], b"\n\n") {
             let event = &self.buf[start..start + end];
             if find(event, b"\"usage\"").is_some() {
-                if let Some(t) = event
-                    .strip_prefix(b"data: ")
-                    .and_then(|json| tokens_of(json))
-                {
+                if let Some(t) = event.strip_prefix(b"data: ").and_then(tokens_of) {
                     self.found = Some(t);
                 }
             }
