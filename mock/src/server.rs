@@ -106,7 +106,10 @@ pub async fn serve(
         .route("/admin/stats", get(stats))
         .route("/admin/completions/:id", get(completion))
         .with_state(shared);
+    // Without TCP_NODELAY, streamed tokens (many small writes) wait on the
+    // peer's delayed ACK: 40 ms stalls a real provider does not have.
     axum::serve(listener, app)
+        .tcp_nodelay(true)
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
