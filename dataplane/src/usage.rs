@@ -179,7 +179,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn record(&self, endpoint: &Arc<str>, o: Outcome) {
-        let mut m = self.windows.lock().expect("usage lock");
+        let mut m = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let w = match m.get_mut(endpoint) {
             Some(w) => w,
             None => m.entry(endpoint.clone()).or_insert_with(Window::new),
@@ -202,7 +202,7 @@ impl Usage {
     /// Takes the windows counted since the last call, as telemetry.
     /// In-flight counts come from the endpoints' live state.
     pub fn take_report(&self, live: &Endpoints) -> Vec<pb::EndpointWindow> {
-        let windows = std::mem::take(&mut *self.windows.lock().expect("usage lock"));
+        let windows = std::mem::take(&mut *self.windows.lock().unwrap_or_else(|p| p.into_inner()));
         let in_flight: HashMap<String, u32> = live
             .all()
             .into_iter()
