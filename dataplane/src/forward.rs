@@ -109,7 +109,17 @@ pub async fn open(
             .await
             .map_err(broken)?;
         session.finish_request_body().await.map_err(broken)?;
-        session.read_response_header().await.map_err(broken)?;
+        // Interim answers (100, 103) come before the real one.
+        loop {
+            session.read_response_header().await.map_err(broken)?;
+            let interim = session
+                .response_header()
+                .map(|h| h.status.as_u16())
+                .is_some_and(|s| (100..200).contains(&s) && s != 101);
+            if !interim {
+                break;
+            }
+        }
         if let Some(h) = session.response_header() {
             let status = h.status.as_u16();
             if status == 429 || status >= 500 {
@@ -160,7 +170,8 @@ fn retry_after(h: &ResponseHeader) -> Option<Duration> {
 }
 
 /// Hop-by-hop headers, and the ones the sidecar sets itself, are never
-/// copied between the app's side and the provider's side.
+/// copied between the app's side and the provider's side. (`expect` too:
+/// the sidecar has the whole body before it calls a provider.)
 pub fn is_hop_header(name: &str) -> bool {
     matches!(
         name,
@@ -175,5 +186,6 @@ pub fn is_hop_header(name: &str) -> bool {
             | "upgrade"
             | "host"
             | "content-length"
+            | "expect"
     )
 }

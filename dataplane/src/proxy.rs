@@ -23,7 +23,7 @@ use crate::forward::{self, AttemptError, Opened};
 use crate::health::{EndpointState, OutlierPolicy};
 use crate::metrics::{Counter, Metrics};
 use crate::reply::ApiError;
-use crate::shed::Admission;
+use crate::shed::{Admission, Candidate};
 use crate::table::{Degrade, Endpoint, Live, Route, RouteError, Table, CHAT_PATH};
 use crate::usage::{ErrorKind, Outcome, Usage, UsageScan};
 
@@ -60,8 +60,29 @@ enum Step {
     Abort(Box<Error>),
 }
 
-fn downstream_err(e: Box<Error>) -> Step {
-    Step::Abort(e)
+/// A write to the app, bounded by the request's deadline: an app that stops
+/// reading must not hold the upstream connection and its capacity forever.
+async fn within(
+    deadline: Instant,
+    write: impl std::future::Future<Output = Result<()>>,
+) -> std::result::Result<(), Step> {
+    match tokio::time::timeout_at(deadline, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Step::Abort(e)),
+        Err(_) => Err(Step::Abort(Error::explain(
+            ErrorType::WriteTimedout,
+            "the app did not read the answer before the deadline",
+        ))),
+    }
+}
+
+async fn write_body(
+    session: &mut Session,
+    data: Option<Bytes>,
+    end: bool,
+    deadline: Instant,
+) -> std::result::Result<(), Step> {
+    within(deadline, session.write_response_body(data, end)).await
 }
 
 impl Sidecar {
@@ -174,6 +195,14 @@ impl Sidecar {
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return Ok(Err(too_large()));
+        }
+        let expects_continue = session
+            .req_header()
+            .headers
+            .get("expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            session.write_continue_response().await?;
         }
         let mut first: Option<Bytes> = None;
         let mut rest: Option<BytesMut> = None;
@@ -302,9 +331,15 @@ impl Sidecar {
         };
         let queue_until = (started + class.ttft_timeout).min(deadline);
         while candidates().all(Endpoint::at_capacity) {
+            let waiting_for = candidates()
+                .map(|e| Candidate {
+                    state: e.state.clone(),
+                    capacity: e.capacity,
+                })
+                .collect();
             if let Err(why) = self
                 .admission
-                .wait(class.priority, table.max_priority, queue_until)
+                .wait(class.priority, table.max_priority, queue_until, waiting_for)
                 .await
             {
                 self.metrics
@@ -326,6 +361,7 @@ impl Sidecar {
         let upstream_req = upstream_request(session.req_header())?;
         let attempt = Attempt {
             table: &table,
+            retry: &class.retry,
             req: &upstream_req,
             body: &body,
             ttft: class.ttft_timeout,
@@ -338,7 +374,7 @@ impl Sidecar {
                 c,
                 fastrand::f64(),
                 fastrand::f64(),
-                |i| table.endpoints[i].state.available(now),
+                |i| table.endpoints[i].usable(now),
                 |i| table.endpoints[i].state.cost(),
             )
         });
@@ -350,6 +386,7 @@ impl Sidecar {
             .or_else(|| route.choice.as_ref().map(|c| c.pick(fastrand::f64())))
             .unwrap_or(route.fallback[0]);
         let mut last_err = None;
+        let mut stale_retried = false;
         loop {
             let outcomes = if class.hedge {
                 self.hedged(&attempt, route, next, &mut tried, ctx).await
@@ -398,7 +435,8 @@ impl Sidecar {
             // A pooled connection the provider had closed: same endpoint,
             // new connection, counted as a retry but not charged to the
             // budget (the provider never saw the request).
-            let stale = matches!(err, AttemptError::Broken { stale: true, .. });
+            let stale = !stale_retried && matches!(err, AttemptError::Broken { stale: true, .. });
+            stale_retried |= stale;
             let candidate = if stale {
                 Some(*failed_idx)
             } else {
@@ -464,7 +502,7 @@ impl Sidecar {
             .fallback
             .iter()
             .copied()
-            .find(|i| !tried.contains(*i) && table.endpoints[*i].state.available(now))
+            .find(|i| !tried.contains(*i) && table.endpoints[*i].usable(now))
     }
 
     /// Books a failed attempt: telemetry, local outlier detection, and
@@ -515,7 +553,12 @@ impl Sidecar {
             r = &mut primary => return Outcomes::one(first, r),
             _ = tokio::time::sleep(delay) => {}
         }
-        let Some(second) = self.next_in_chain(table, route, tried) else {
+        // A hedge is a retry: when a provider slows down for everyone, the
+        // budget keeps hedges from doubling its load.
+        let second = self
+            .next_in_chain(table, route, tried)
+            .filter(|_| lock(attempt.retry).try_retry(std::time::Instant::now()));
+        let Some(second) = second else {
             return Outcomes::one(first, primary.await);
         };
         tried.push(second);
@@ -576,6 +619,10 @@ impl Sidecar {
         let mut done = up.response_done();
         if done {
             let _ = resp.insert_header("content-length", first.as_ref().map_or(0, Bytes::len));
+        } else if !resp.headers.contains_key("content-length") {
+            // Framed, so the app can tell a complete answer from a cut one
+            // and keep its connection.
+            let _ = resp.insert_header("transfer-encoding", "chunked");
         }
         let mut outcome = Outcome {
             error: None,
@@ -586,16 +633,14 @@ impl Sidecar {
         };
         let mut scan = UsageScan::new(sse);
         let result = async {
-            session
-                .write_response_header(Box::new(resp), false)
-                .await
-                .map_err(downstream_err)?;
+            within(
+                deadline,
+                session.write_response_header(Box::new(resp), false),
+            )
+            .await?;
             if let Some(chunk) = first {
                 scan.feed(&chunk);
-                session
-                    .write_response_body(Some(chunk), done)
-                    .await
-                    .map_err(downstream_err)?;
+                write_body(session, Some(chunk), done, deadline).await?;
             }
             while !done {
                 let wait = (Instant::now() + inter_token).min(deadline);
@@ -603,18 +648,12 @@ impl Sidecar {
                 let reason = match next {
                     Ok(Ok(Some(chunk))) => {
                         scan.feed(&chunk);
-                        session
-                            .write_response_body(Some(chunk), false)
-                            .await
-                            .map_err(downstream_err)?;
+                        write_body(session, Some(chunk), false, deadline).await?;
                         continue;
                     }
                     Ok(Ok(None)) => {
                         done = true;
-                        session
-                            .write_response_body(None, true)
-                            .await
-                            .map_err(downstream_err)?;
+                        write_body(session, None, true, deadline).await?;
                         break;
                     }
                     Ok(Err(e)) => {
@@ -635,10 +674,13 @@ impl Sidecar {
                 // connection is closed before its declared end.
                 if sse {
                     let e = ApiError::new(502, "server_error", reason).code("stream_interrupted");
-                    session
-                        .write_response_body(Some(e.sse_event()), true)
-                        .await
-                        .map_err(downstream_err)?;
+                    // Close a half-sent event first, so the error parses.
+                    let event = if scan.mid_event() {
+                        Bytes::from([b"\n\n".as_slice(), &e.sse_event()].concat())
+                    } else {
+                        e.sse_event()
+                    };
+                    write_body(session, Some(event), true, deadline).await?;
                     return Ok(());
                 }
                 return Err(Step::Abort(Error::explain(ErrorType::ReadError, reason)));
@@ -710,7 +752,9 @@ pub struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst: pairs with the queue publishing a waiter before it looks
+        // at in-flight counts, so a freed slot is never missed.
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.admission.freed();
     }
 }
@@ -743,6 +787,7 @@ impl<'a> Outcomes<'a> {
 /// What every attempt of one request shares.
 struct Attempt<'a> {
     table: &'a Table,
+    retry: &'a std::sync::Mutex<crate::retry::RetryBudget>,
     req: &'a RequestHeader,
     body: &'a Bytes,
     ttft: Duration,
@@ -825,12 +870,17 @@ fn header_str<'a>(h: &'a RequestHeader, name: &str) -> Option<&'a str> {
 /// to a provider.
 fn upstream_request(app: &RequestHeader) -> Result<RequestHeader> {
     let mut req = RequestHeader::build("POST", CHAT_PATH.as_bytes(), Some(app.headers.len() + 2))?;
+    let listed = connection_listed(&app.headers);
     for (name, value) in app.headers.iter() {
         let n = name.as_str();
+        // accept-encoding: the sidecar reads usage from the answer, so it
+        // asks for it uncompressed.
         if forward::is_hop_header(n)
             || n.starts_with("x-switchyard-")
             || n == "authorization"
             || n == "api-key"
+            || n == "accept-encoding"
+            || listed.iter().any(|l| l.eq_ignore_ascii_case(n))
         {
             continue;
         }
@@ -839,10 +889,26 @@ fn upstream_request(app: &RequestHeader) -> Result<RequestHeader> {
     Ok(req)
 }
 
+/// Header names a `Connection` header lists: hop-by-hop by declaration.
+fn connection_listed(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .collect()
+}
+
 fn build_response(up: &ResponseHeader, ep: &Endpoint, ctx: &RequestCtx) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 3))?;
+    let listed = connection_listed(&up.headers);
     for (name, value) in up.headers.iter() {
         let n = name.as_str();
+        if listed.iter().any(|l| l == n) {
+            continue;
+        }
         if n == "content-length" || !forward::is_hop_header(n) {
             resp.append_header(name.clone(), value.clone())?;
         }

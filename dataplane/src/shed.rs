@@ -6,10 +6,12 @@
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+use crate::health::EndpointState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Shed {
@@ -21,11 +23,25 @@ pub enum Shed {
     Evicted,
 }
 
+/// An endpoint a queued request could use, and its capacity (0: none).
+#[derive(Clone)]
+pub struct Candidate {
+    pub state: Arc<EndpointState>,
+    pub capacity: u32,
+}
+
+fn room(candidates: &[Candidate]) -> bool {
+    candidates
+        .iter()
+        .any(|c| c.capacity == 0 || c.state.in_flight.load(Ordering::SeqCst) < c.capacity)
+}
+
 struct Waiter {
     priority: u32,
     seq: u64,
     /// `true`: go; `false`: shed.
     wake: oneshot::Sender<bool>,
+    candidates: Vec<Candidate>,
 }
 
 impl PartialEq for Waiter {
@@ -48,10 +64,28 @@ impl Ord for Waiter {
     }
 }
 
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Waiter>,
+    seq: u64,
+}
+
+impl Queue {
+    fn remove(&mut self, seq: u64) -> Option<Waiter> {
+        let mut all = std::mem::take(&mut self.heap).into_vec();
+        let found = all
+            .iter()
+            .position(|w| w.seq == seq)
+            .map(|i| all.swap_remove(i));
+        self.heap = all.into();
+        found
+    }
+}
+
 pub struct Admission {
     limit: usize,
     waiting: AtomicUsize,
-    queue: Mutex<(BinaryHeap<Waiter>, u64)>,
+    queue: Mutex<Queue>,
 }
 
 /// The queue places a class may hold: its share of `limit`, growing with
@@ -62,79 +96,115 @@ pub fn share(limit: usize, priority: u32, max_priority: u32) -> usize {
     ((limit as u64 * p).div_ceil(m) as usize).max(1)
 }
 
+/// Takes a waiter's entry out of the queue however its wait ends (timeout,
+/// or the request being dropped), so stale entries never hold places.
+struct Leave<'a> {
+    admission: &'a Admission,
+    seq: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut q = self.admission.lock();
+        q.remove(self.seq);
+        self.admission.waiting.store(q.heap.len(), Ordering::SeqCst);
+    }
+}
+
 impl Admission {
     pub fn new(limit: usize) -> Self {
         Self {
             limit,
             waiting: AtomicUsize::new(0),
-            queue: Mutex::new((BinaryHeap::new(), 0)),
+            queue: Mutex::new(Queue::default()),
         }
     }
 
-    /// Waits for a freed slot until `until`. Refused at once when the
-    /// class's share of the queue is taken.
-    pub async fn wait(&self, priority: u32, max_priority: u32, until: Instant) -> Result<(), Shed> {
-        let rx = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if q.0.len() >= share(self.limit, priority, max_priority) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until one of `candidates` has room, or until `until`. Refused
+    /// at once when the class's share of the queue is taken and no lower
+    /// priority waiter can be evicted.
+    pub async fn wait(
+        &self,
+        priority: u32,
+        max_priority: u32,
+        until: Instant,
+        candidates: Vec<Candidate>,
+    ) -> Result<(), Shed> {
+        let (rx, seq) = {
+            let mut q = self.lock();
+            if q.heap.len() >= share(self.limit, priority, max_priority) {
                 // Full for this priority: take the place of the newest
                 // waiter of a lower priority, if there is one.
-                let victim =
-                    q.0.iter()
-                        .filter(|w| w.priority < priority)
-                        .min()
-                        .map(|w| (w.priority, w.seq));
+                let victim = q
+                    .heap
+                    .iter()
+                    .filter(|w| w.priority < priority)
+                    .min()
+                    .map(|w| w.seq);
                 let Some(victim) = victim else {
                     return Err(Shed::QueueFull);
                 };
-                let rest: Vec<Waiter> = std::mem::take(&mut q.0).into_vec();
-                for w in rest {
-                    if (w.priority, w.seq) == victim {
-                        let _ = w.wake.send(false);
-                    } else {
-                        q.0.push(w);
-                    }
+                if let Some(w) = q.remove(victim) {
+                    let _ = w.wake.send(false);
                 }
             }
             let (tx, rx) = oneshot::channel();
-            q.1 += 1;
-            let seq = q.1;
-            q.0.push(Waiter {
+            q.seq += 1;
+            let seq = q.seq;
+            q.heap.push(Waiter {
                 priority,
                 seq,
                 wake: tx,
+                candidates,
             });
-            self.waiting.store(q.0.len(), Ordering::Release);
-            rx
+            self.waiting.store(q.heap.len(), Ordering::SeqCst);
+            // Published first, checked second: a slot freed between the
+            // caller's check and now either shows here or sees us waiting.
+            let ours = q.heap.iter().find(|w| w.seq == seq);
+            if ours.is_some_and(|w| room(&w.candidates)) {
+                q.remove(seq);
+                self.waiting.store(q.heap.len(), Ordering::SeqCst);
+                return Ok(());
+            }
+            (rx, seq)
+        };
+        let _leave = Leave {
+            admission: self,
+            seq,
         };
         match tokio::time::timeout_at(until, rx).await {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => Err(Shed::Evicted),
-            // Timed out: our entry stays until popped, and a wake sent to
-            // it then is passed on (see `freed`).
             _ => Err(Shed::TimedOut),
         }
     }
 
-    /// A slot freed somewhere: wake the first waiter still waiting.
+    /// A slot freed somewhere: wake the highest-priority waiter that has
+    /// room now. Call after decrementing the in-flight count.
     pub fn freed(&self) {
-        if self.waiting.load(Ordering::Acquire) == 0 {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(w) = q.0.pop() {
-            if w.wake.send(true).is_ok() {
-                break;
-            }
+        let mut q = self.lock();
+        let mut order = std::mem::take(&mut q.heap).into_sorted_vec();
+        // Ascending: the best waiter is last.
+        if let Some(i) = order.iter().rposition(|w| room(&w.candidates)) {
+            let w = order.remove(i);
+            let _ = w.wake.send(true);
         }
-        self.waiting.store(q.0.len(), Ordering::Release);
+        q.heap = order.into();
+        self.waiting.store(q.heap.len(), Ordering::SeqCst);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::health::Endpoints;
     use std::time::Duration;
 
     #[test]
@@ -146,80 +216,121 @@ mod tests {
         assert_eq!(share(8, 9, 1), 8);
     }
 
+    /// An endpoint with capacity 1, already full.
+    fn full(live: &Endpoints, name: &str) -> Candidate {
+        let state = live.get(name);
+        state.in_flight.store(1, Ordering::SeqCst);
+        Candidate { state, capacity: 1 }
+    }
+
+    fn release(c: &Candidate, a: &Admission) {
+        c.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        a.freed();
+    }
+
+    async fn queued(a: &Admission, n: usize) {
+        while a.waiting.load(Ordering::SeqCst) < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
     #[tokio::test]
     async fn low_priority_is_refused_first_and_high_is_woken_first() {
+        let live = Endpoints::default();
+        let e = full(&live, "e");
         let a = Arc::new(Admission::new(4));
-        let far = Instant::now() + Duration::from_secs(30);
-        let low: Vec<_> = (0..2)
-            .map(|_| {
-                let a = a.clone();
-                tokio::spawn(async move { a.wait(0, 1, far).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        while a.waiting.load(Ordering::Acquire) < 2 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(a.wait(0, 1, far).await, Err(Shed::QueueFull));
-        let a2 = a.clone();
-        let high = tokio::spawn(async move { a2.wait(1, 1, far).await });
-        while a.waiting.load(Ordering::Acquire) < 3 {
-            tokio::task::yield_now().await;
-        }
-        a.freed();
-        assert_eq!(high.await.unwrap(), Ok(()));
-        a.freed();
-        a.freed();
-        for l in low {
-            assert_eq!(l.await.unwrap(), Ok(()));
-        }
-    }
-
-    #[tokio::test]
-    async fn a_higher_priority_evicts_a_lower_waiter() {
-        let a = Arc::new(Admission::new(2));
-        let far = Instant::now() + Duration::from_secs(30);
         let lows: Vec<_> = (0..2)
             .map(|_| {
-                let a = a.clone();
-                tokio::spawn(async move { a.wait(0, 1, far).await })
+                let (a, e) = (a.clone(), e.clone());
+                tokio::spawn(async move { a.wait(0, 1, far(), vec![e]).await })
             })
             .collect();
-        while a.waiting.load(Ordering::Acquire) < 1 {
-            tokio::task::yield_now().await;
-        }
-        // The low share of a queue of 2 is 1: the second low is refused.
-        let a2 = a.clone();
-        let high = tokio::spawn(async move { a2.wait(1, 1, far).await });
-        while !high.is_finished() && a.waiting.load(Ordering::Acquire) < 2 {
-            tokio::task::yield_now().await;
-        }
-        let a3 = a.clone();
-        let high2 = tokio::spawn(async move { a3.wait(1, 1, far).await });
-        let mut lows_out = Vec::new();
-        for l in lows {
-            lows_out.push(l.await.unwrap());
-        }
-        lows_out.sort_by_key(|r| format!("{r:?}"));
-        assert_eq!(lows_out, [Err(Shed::Evicted), Err(Shed::QueueFull)]);
-        a.freed();
-        a.freed();
+        queued(&a, 2).await;
+        // The low share of 4 places is 2.
+        assert_eq!(
+            a.wait(0, 1, far(), vec![e.clone()]).await,
+            Err(Shed::QueueFull)
+        );
+        let (a2, e2) = (a.clone(), e.clone());
+        let high = tokio::spawn(async move { a2.wait(1, 1, far(), vec![e2]).await });
+        queued(&a, 3).await;
+        release(&e, &a);
         assert_eq!(high.await.unwrap(), Ok(()));
-        assert_eq!(high2.await.unwrap(), Ok(()));
+        for l in lows {
+            e.state.in_flight.store(1, Ordering::SeqCst);
+            release(&e, &a);
+            assert_eq!(l.await.unwrap(), Ok(()));
+        }
+        assert_eq!(a.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
-    async fn a_waiter_that_gave_up_passes_its_wake_on() {
-        let a = Arc::new(Admission::new(4));
+    async fn a_higher_priority_evicts_the_newest_lower_waiter() {
+        let live = Endpoints::default();
+        let e = full(&live, "e");
+        let a = Arc::new(Admission::new(2));
+        let (a1, e1) = (a.clone(), e.clone());
+        let older = tokio::spawn(async move { a1.wait(0, 0, far(), vec![e1]).await });
+        queued(&a, 1).await;
+        let (a2, e2) = (a.clone(), e.clone());
+        let newer = tokio::spawn(async move { a2.wait(0, 0, far(), vec![e2]).await });
+        queued(&a, 2).await;
+        let (a3, e3) = (a.clone(), e.clone());
+        let high = tokio::spawn(async move { a3.wait(1, 0, far(), vec![e3]).await });
+        assert_eq!(newer.await.unwrap(), Err(Shed::Evicted));
+        queued(&a, 2).await;
+        release(&e, &a);
+        assert_eq!(high.await.unwrap(), Ok(()));
+        e.state.in_flight.store(1, Ordering::SeqCst);
+        release(&e, &a);
+        assert_eq!(older.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_leaves_no_entry_behind() {
+        let live = Endpoints::default();
+        let e = full(&live, "e");
+        let a = Admission::new(1);
         let soon = Instant::now() + Duration::from_millis(1);
-        assert_eq!(a.wait(0, 0, soon).await, Err(Shed::TimedOut));
-        let a2 = a.clone();
-        let far = Instant::now() + Duration::from_secs(30);
-        let w = tokio::spawn(async move { a2.wait(0, 0, far).await });
-        while a.waiting.load(Ordering::Acquire) < 2 {
-            tokio::task::yield_now().await;
-        }
-        a.freed();
-        assert_eq!(w.await.unwrap(), Ok(()));
+        assert_eq!(
+            a.wait(0, 0, soon, vec![e.clone()]).await,
+            Err(Shed::TimedOut)
+        );
+        assert_eq!(a.waiting.load(Ordering::SeqCst), 0);
+        // Its place is free again.
+        let soon = Instant::now() + Duration::from_millis(1);
+        assert_eq!(a.wait(0, 0, soon, vec![e]).await, Err(Shed::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn room_at_enqueue_time_is_not_missed() {
+        let live = Endpoints::default();
+        let e = full(&live, "e");
+        e.state.in_flight.store(0, Ordering::SeqCst);
+        let a = Admission::new(4);
+        assert_eq!(a.wait(0, 0, far(), vec![e]).await, Ok(()));
+        assert_eq!(a.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_a_waiter_that_can_use_it() {
+        let live = Endpoints::default();
+        let (x, y) = (full(&live, "x"), full(&live, "y"));
+        let a = Arc::new(Admission::new(4));
+        let (a1, x1) = (a.clone(), x.clone());
+        let high_on_x = tokio::spawn(async move { a1.wait(1, 1, far(), vec![x1]).await });
+        queued(&a, 1).await;
+        let (a2, y2) = (a.clone(), y.clone());
+        let low_on_y = tokio::spawn(async move { a2.wait(0, 1, far(), vec![y2]).await });
+        queued(&a, 2).await;
+        release(&y, &a);
+        assert_eq!(low_on_y.await.unwrap(), Ok(()));
+        assert!(!high_on_x.is_finished());
+        release(&x, &a);
+        assert_eq!(high_on_x.await.unwrap(), Ok(()));
     }
 }

@@ -75,6 +75,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Available (not ejected, not throttled) and below capacity.
+    pub fn usable(&self, now: std::time::Instant) -> bool {
+        !self.at_capacity() && self.state.available(now)
+    }
+
     pub fn at_capacity(&self) -> bool {
         self.capacity > 0
             && self

@@ -110,6 +110,12 @@ impl UsageScan {
         self.buf.drain(..start);
     }
 
+    /// Whether a stream stopped inside an event (bytes after the last
+    /// blank line).
+    pub fn mid_event(&self) -> bool {
+        self.sse && !self.overflow && !self.buf.is_empty()
+    }
+
     pub fn finish(self) -> Option<Tokens> {
         if self.sse || self.overflow {
             return self.found;
