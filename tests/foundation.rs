@@ -409,6 +409,17 @@ async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
     );
 }
 
+/// The usage objects of an answer (a JSON body or SSE events).
+fn usages(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n\n")
+        .filter_map(|e| {
+            let json = e.trim().strip_prefix("data: ").unwrap_or(e.trim());
+            serde_json::from_str::<serde_json::Value>(json).ok()
+        })
+        .filter_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
     // The second mock costs 1 per million input tokens and 2 per million
@@ -423,36 +434,39 @@ async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
         &[],
     )
     .await;
-    let mut expected = 0.0;
-    for stream in [false, true, false, true, false] {
-        let mut body = stack.chat_body(stream);
-        if stream {
-            body["stream_options"] = serde_json::json!({"include_usage": true});
-        }
-        let r = stack
+    let ask = |body: serde_json::Value| {
+        let req = stack
             .http
             .post(stack.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.headers()["x-switchyard-endpoint"], "paid");
-        let text = r.text().await.unwrap();
-        // The usage the provider reported, as the app saw it.
-        let usage = text
-            .split("\n\n")
-            .filter_map(|e| {
-                let json = e.trim().strip_prefix("data: ").unwrap_or(e.trim());
-                serde_json::from_str::<serde_json::Value>(json).ok()
-            })
-            .find_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
-            .expect("usage in the answer");
-        let (i, o) = (
-            usage["prompt_tokens"].as_f64().unwrap(),
-            usage["completion_tokens"].as_f64().unwrap(),
-        );
-        expected += (i * 1.0 + o * 2.0) / 1e6;
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.headers()["x-switchyard-endpoint"], "paid");
+            r.text().await.unwrap()
+        }
+    };
+    // Every request is the same, so each costs what the first reports.
+    let first = usages(&ask(stack.chat_body(false)).await);
+    assert_eq!(first.len(), 1);
+    let (i, o) = (
+        first[0]["prompt_tokens"].as_f64().unwrap(),
+        first[0]["completion_tokens"].as_f64().unwrap(),
+    );
+    let each = (i + 2.0 * o) / 1e6;
+
+    // A stream that asked for usage gets it.
+    let mut asked = stack.chat_body(true);
+    asked["stream_options"] = serde_json::json!({"include_usage": true});
+    assert_eq!(usages(&ask(asked).await).len(), 1);
+    // A stream that did not ask is accounted all the same, and does not see
+    // the usage chunk the sidecar asked for on its behalf.
+    for _ in 0..3 {
+        let text = ask(stack.chat_body(true)).await;
+        assert!(usages(&text).is_empty(), "{text}");
+        assert!(!text.contains("\"choices\":[]"), "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     }
+    let expected = 5.0 * each;
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let s = stack.status().await.expect("status");

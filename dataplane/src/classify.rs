@@ -11,12 +11,21 @@ struct Peek<'a> {
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
     stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 #[derive(Debug, PartialEq)]
 pub struct ChatRequest<'a> {
     pub model: Cow<'a, str>,
     pub stream: bool,
+    /// `stream_options.include_usage` as the app sent it: `None` when
+    /// there are no stream options at all.
+    pub include_usage: Option<bool>,
 }
 
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -34,9 +43,43 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest<'_>, ClassifyError> {
         Some(model) if !model.is_empty() => Ok(ChatRequest {
             model,
             stream: peek.stream.unwrap_or(false),
+            include_usage: peek
+                .stream_options
+                .map(|o| o.include_usage.unwrap_or(false)),
         }),
         _ => Err(ClassifyError::MissingModel),
     }
+}
+
+/// Sets `stream_options.include_usage` in a request. Without stream options
+/// the field is spliced in after the opening brace, with no parse; with
+/// them (rare) the body is rewritten.
+pub fn ask_usage(body: &[u8], has_options: bool) -> Result<bytes::Bytes, ClassifyError> {
+    if has_options {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| ClassifyError::Malformed(e.to_string()))?;
+        v["stream_options"]["include_usage"] = true.into();
+        return serde_json::to_vec(&v)
+            .map(bytes::Bytes::from)
+            .map_err(|e| ClassifyError::Malformed(e.to_string()));
+    }
+    let open = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .filter(|i| body[*i] == b'{')
+        .ok_or_else(|| ClassifyError::Malformed("not a JSON object".into()))?;
+    let rest = &body[open + 1..];
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let field: &[u8] = if empty {
+        br#""stream_options":{"include_usage":true}"#
+    } else {
+        br#""stream_options":{"include_usage":true},"#
+    };
+    let mut out = Vec::with_capacity(body.len() + field.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(field);
+    out.extend_from_slice(rest);
+    Ok(bytes::Bytes::from(out))
 }
 
 /// Rewrites a request for a degradation: another model, or `max_tokens`
@@ -103,6 +146,27 @@ mod tests {
         ));
         assert_eq!(parse(b"{}"), Err(ClassifyError::MissingModel));
         assert_eq!(parse(b"{\"model\":\"\"}"), Err(ClassifyError::MissingModel));
+    }
+
+    #[test]
+    fn usage_is_asked_for_without_disturbing_the_request() {
+        let ask = |b: &[u8]| {
+            let r = parse(b).unwrap();
+            let out = ask_usage(b, r.include_usage.is_some()).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        let v = ask(br#"  {"model":"m","stream":true,"messages":[{"content":"{x}"}]}"#);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "{x}");
+        let v =
+            ask(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"k":1}}"#);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["k"], 1);
+        let r = parse(br#"{"model":"m","stream":true,"stream_options":{}}"#).unwrap();
+        assert_eq!(r.include_usage, Some(false));
+        assert_eq!(parse(br#"{"model":"m"}"#).unwrap().include_usage, None);
+        let out = ask_usage(b"{ }", false).unwrap();
+        assert_eq!(&out[..], br#"{"stream_options":{"include_usage":true} }"#);
     }
 
     #[test]

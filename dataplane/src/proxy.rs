@@ -273,6 +273,7 @@ impl Sidecar {
             .map(Duration::from_millis);
         let deadline = started + app_deadline.map_or(class.deadline, |d| d.min(class.deadline));
 
+        let (streamed, include_usage) = (req.stream, req.include_usage);
         // Degrade when none of the class's preferred endpoints is healthy.
         let mut body = body;
         let mut route = route;
@@ -311,6 +312,20 @@ impl Sidecar {
                 Degrade::MaxTokens(n) => classify::rewrite(&body, None, Some(*n)),
             };
             match rewritten {
+                Ok(b) => body = b,
+                Err(e) => {
+                    return self
+                        .error(session, ctx, ApiError::invalid(e.to_string()))
+                        .await
+                }
+            }
+        }
+
+        // Ask for the usage chunk on the app's behalf, so streams are
+        // accounted; the relay takes it out again.
+        let strip_usage = streamed && include_usage != Some(true);
+        if strip_usage {
+            match classify::ask_usage(&body, include_usage.is_some()) {
                 Ok(b) => body = b,
                 Err(e) => {
                     return self
@@ -416,8 +431,11 @@ impl Sidecar {
                         ctx,
                         ep,
                         opened,
-                        deadline,
-                        class.inter_token_timeout,
+                        Relay {
+                            deadline,
+                            inter_token: class.inter_token_timeout,
+                            strip_usage,
+                        },
                     )
                     .await;
                 drop(slot);
@@ -596,9 +614,13 @@ impl Sidecar {
         ctx: &mut RequestCtx,
         ep: &Endpoint,
         opened: Opened,
-        deadline: Instant,
-        inter_token: Duration,
+        how: Relay,
     ) -> Step {
+        let Relay {
+            deadline,
+            inter_token,
+            strip_usage,
+        } = how;
         let Opened {
             session: mut up,
             header: up_header,
@@ -631,7 +653,11 @@ impl Sidecar {
             tokens: None,
             spend_usd: 0.0,
         };
-        let mut scan = UsageScan::new(sse);
+        let mut scan = if sse && strip_usage {
+            UsageScan::stripping()
+        } else {
+            UsageScan::new(sse)
+        };
         let result = async {
             within(
                 deadline,
@@ -639,21 +665,32 @@ impl Sidecar {
             )
             .await?;
             if let Some(chunk) = first {
-                scan.feed(&chunk);
-                write_body(session, Some(chunk), done, deadline).await?;
+                let mut out = scan.pass(chunk);
+                if done {
+                    out = [out, scan.rest()].concat().into();
+                }
+                if done || !out.is_empty() {
+                    write_body(session, Some(out), done, deadline).await?;
+                }
             }
             while !done {
                 let wait = (Instant::now() + inter_token).min(deadline);
                 let next = tokio::time::timeout_at(wait, up.read_response_body()).await;
                 let reason = match next {
                     Ok(Ok(Some(chunk))) => {
-                        scan.feed(&chunk);
-                        write_body(session, Some(chunk), false, deadline).await?;
+                        // Never an empty write: in chunked framing that
+                        // would end the body.
+                        let out = scan.pass(chunk);
+                        if !out.is_empty() {
+                            write_body(session, Some(out), false, deadline).await?;
+                        }
                         continue;
                     }
                     Ok(Ok(None)) => {
                         done = true;
-                        write_body(session, None, true, deadline).await?;
+                        let rest = scan.rest();
+                        let rest = (!rest.is_empty()).then_some(rest);
+                        write_body(session, rest, true, deadline).await?;
                         break;
                     }
                     Ok(Err(e)) => {
@@ -718,6 +755,15 @@ impl Sidecar {
             Err(step) => step,
         }
     }
+}
+
+/// How an opened answer is relayed.
+struct Relay {
+    deadline: Instant,
+    /// Longest gap between two chunks.
+    inter_token: Duration,
+    /// The sidecar asked for the usage chunk; the app must not see it.
+    strip_usage: bool,
 }
 
 /// Endpoints a request has tried, without allocating.

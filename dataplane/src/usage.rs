@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use switchyard_proto::v1 as pb;
@@ -62,17 +63,24 @@ impl Tokens {
 
 /// Finds the `usage` a provider reports, in a whole JSON answer or in the
 /// SSE events of a stream (the chunk sent when `stream_options.include_usage`
-/// is set), while the answer passes through untouched. Keeps at most one
-/// event (or, for a JSON answer, a bounded prefix) buffered.
+/// is set). Keeps at most one event (or, for a JSON answer, a bounded
+/// prefix) buffered.
+///
+/// When the sidecar asked for the usage chunk on the app's behalf
+/// (`stripping`), the chunk is taken out of the stream the app sees: then
+/// the stream is passed on in whole events, so an event split across reads
+/// waits for its end.
 #[derive(Debug, Default)]
 pub struct UsageScan {
     sse: bool,
+    strip: bool,
     buf: Vec<u8>,
     overflow: bool,
     found: Option<Tokens>,
 }
 
-/// A JSON answer larger than this is passed on without reading its usage.
+/// A JSON answer (or one SSE event) larger than this is passed on without
+/// reading its usage.
 const MAX_SCANNED: usize = 1 << 20;
 
 impl UsageScan {
@@ -83,7 +91,58 @@ impl UsageScan {
         }
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
+    /// A stream whose usage chunk the app did not ask for.
+    pub fn stripping() -> Self {
+        Self {
+            sse: true,
+            strip: true,
+            ..Self::default()
+        }
+    }
+
+    /// Takes a chunk of the answer; returns what to pass on to the app.
+    pub fn pass(&mut self, chunk: Bytes) -> Bytes {
+        if !self.strip || self.overflow {
+            self.feed(&chunk);
+            return chunk;
+        }
+        if self.buf.len() + chunk.len() > MAX_SCANNED {
+            // Too big to hold: give up stripping, lose nothing.
+            self.overflow = true;
+            let mut out = std::mem::take(&mut self.buf);
+            out.extend_from_slice(&chunk);
+            return Bytes::from(out);
+        }
+        self.buf.extend_from_slice(&chunk);
+        let mut out = Vec::with_capacity(self.buf.len());
+        let mut start = 0;
+        while let Some(end) = find(&self.buf[start..], b"\n\n") {
+            let event = &self.buf[start..start + end];
+            match usage_event(event) {
+                Some((t, true)) => self.found = Some(t),
+                found => {
+                    if let Some((t, _)) = found {
+                        self.found = Some(t);
+                    }
+                    out.extend_from_slice(&self.buf[start..start + end + 2]);
+                }
+            }
+            start += end + 2;
+        }
+        self.buf.drain(..start);
+        Bytes::from(out)
+    }
+
+    /// What a stripping scan still holds when the answer ends.
+    pub fn rest(&mut self) -> Bytes {
+        if self.strip && !self.overflow {
+            Bytes::from(std::mem::take(&mut self.buf))
+        } else {
+            Bytes::new()
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
         if self.overflow {
             return;
         }
@@ -99,21 +158,18 @@ impl UsageScan {
         // Examine complete events; keep the incomplete tail.
         let mut start = 0;
         while let Some(end) = find(&self.buf[start..], b"\n\n") {
-            let event = &self.buf[start..start + end];
-            if find(event, b"\"usage\"").is_some() {
-                if let Some(t) = event.strip_prefix(b"data: ").and_then(tokens_of) {
-                    self.found = Some(t);
-                }
+            if let Some((t, _)) = usage_event(&self.buf[start..start + end]) {
+                self.found = Some(t);
             }
             start += end + 2;
         }
         self.buf.drain(..start);
     }
 
-    /// Whether a stream stopped inside an event (bytes after the last
-    /// blank line).
+    /// Whether the app was sent part of an event (bytes after the last
+    /// blank line), so an error event must first close it.
     pub fn mid_event(&self) -> bool {
-        self.sse && !self.overflow && !self.buf.is_empty()
+        self.sse && !self.strip && !self.overflow && !self.buf.is_empty()
     }
 
     pub fn finish(self) -> Option<Tokens> {
@@ -128,21 +184,43 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+#[derive(serde::Deserialize)]
+struct UsageJson {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl From<UsageJson> for Tokens {
+    fn from(u: UsageJson) -> Self {
+        Tokens {
+            input: u.prompt_tokens,
+            output: u.completion_tokens,
+        }
+    }
+}
+
 fn tokens_of(json: &[u8]) -> Option<Tokens> {
     #[derive(serde::Deserialize)]
-    struct Usage {
-        prompt_tokens: u64,
-        completion_tokens: u64,
-    }
-    #[derive(serde::Deserialize)]
     struct Answer {
-        usage: Option<Usage>,
+        usage: Option<UsageJson>,
     }
     let a: Answer = serde_json::from_slice(json).ok()?;
-    a.usage.map(|u| Tokens {
-        input: u.prompt_tokens,
-        output: u.completion_tokens,
-    })
+    a.usage.map(Tokens::from)
+}
+
+/// The usage an SSE event carries, and whether the event is the usage-only
+/// chunk (no choices). Events that cannot mention usage are not parsed.
+fn usage_event(event: &[u8]) -> Option<(Tokens, bool)> {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<serde::de::IgnoredAny>,
+        usage: Option<UsageJson>,
+    }
+    find(event, b"\"usage\"")?;
+    let c: Chunk = serde_json::from_slice(event.strip_prefix(b"data: ")?).ok()?;
+    let only = c.choices.is_empty();
+    c.usage.map(|u| (u.into(), only))
 }
 
 struct Window {
@@ -262,8 +340,12 @@ mod tests {
     #[test]
     fn usage_is_found_in_json_answers_and_in_split_sse_events() {
         let mut j = UsageScan::new(false);
-        j.feed(br#"{"id":"x","usage":{"prompt_tokens":12,"#);
-        j.feed(br#""completion_tokens":30,"total_tokens":42}}"#);
+        j.pass(Bytes::from_static(
+            br#"{"id":"x","usage":{"prompt_tokens":12,"#,
+        ));
+        j.pass(Bytes::from_static(
+            br#""completion_tokens":30,"total_tokens":42}}"#,
+        ));
         assert_eq!(
             j.finish(),
             Some(Tokens {
@@ -273,9 +355,15 @@ mod tests {
         );
 
         let mut s = UsageScan::new(true);
-        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
-        s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,");
-        s.feed(b"\"completion_tokens\":7}}\n\ndata: [DONE]\n\n");
+        s.pass(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda",
+        ));
+        s.pass(Bytes::from_static(
+            b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,",
+        ));
+        s.pass(Bytes::from_static(
+            b"\"completion_tokens\":7}}\n\ndata: [DONE]\n\n",
+        ));
         assert_eq!(
             s.finish(),
             Some(Tokens {
@@ -285,7 +373,9 @@ mod tests {
         );
 
         let mut none = UsageScan::new(true);
-        none.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        none.pass(Bytes::from_static(
+            b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n",
+        ));
         assert_eq!(none.finish(), None);
         assert!(
             (Tokens {
@@ -297,6 +387,43 @@ mod tests {
                 .abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn a_usage_chunk_the_app_did_not_ask_for_is_taken_out_whole() {
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+            data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n\
+            data: [DONE]\n\n";
+        let expected: Vec<u8> = String::from_utf8_lossy(stream)
+            .split_inclusive("\n\n")
+            .filter(|e| !e.contains("\"choices\":[],"))
+            .collect::<String>()
+            .into_bytes();
+        // Every way of cutting the stream into two reads.
+        for at in 0..stream.len() {
+            let mut s = UsageScan::stripping();
+            let mut seen = Vec::new();
+            seen.extend_from_slice(&s.pass(Bytes::copy_from_slice(&stream[..at])));
+            seen.extend_from_slice(&s.pass(Bytes::copy_from_slice(&stream[at..])));
+            seen.extend_from_slice(&s.rest());
+            assert_eq!(seen, expected, "cut at {at}");
+            assert_eq!(
+                s.finish(),
+                Some(Tokens {
+                    input: 3,
+                    output: 4
+                })
+            );
+        }
+        // A stream cut off mid-event still passes on what it held.
+        let mut s = UsageScan::stripping();
+        let mut seen = s
+            .pass(Bytes::from_static(b"data: {\"choices\":[{\"del"))
+            .to_vec();
+        assert!(seen.is_empty() && !s.mid_event());
+        seen.extend_from_slice(&s.rest());
+        assert_eq!(seen, b"data: {\"choices\":[{\"del");
     }
 
     #[test]
