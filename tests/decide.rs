@@ -128,25 +128,14 @@ impl Stack {
         let port = cluster::free_port().expect("port");
         let (control, control_addr) =
             start_control(&dir, &policy, &format!("127.0.0.1:{port}")).await;
-        let sidecar_addr: SocketAddr = ([127, 0, 0, 1], cluster::free_port().unwrap()).into();
-        let a = args(&[
-            "sidecar",
-            "--control",
-            &control_addr.to_string(),
-            "--listen",
-            &sidecar_addr.to_string(),
-            "--id",
-            label,
-        ]);
-        let sidecar = Proc::spawn(bin(), &a, &dir, "sidecar").expect("sidecar starts");
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()
             .unwrap();
-        let url = format!("http://{sidecar_addr}/readyz");
-        if let Err(e) = cluster::wait_ok(&http, &url, Duration::from_secs(60)).await {
-            panic!("sidecar not ready: {e}\n{}", sidecar.log_text());
-        }
+        let (sidecar, sidecar_addr) =
+            cluster::start_sidecar(bin(), &dir, control_addr, &["--id", label], &http)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         Stack {
             dir,
             mocks: started,
