@@ -254,29 +254,107 @@ pub async fn start_sidecar(
     extra: &[&str],
     http: &reqwest::Client,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut a = strings(&[
-        "sidecar",
-        "--control",
-        &control.to_string(),
-        "--listen",
-        &addr.to_string(),
-    ]);
-    a.extend(strings(extra));
-    let proc = Proc::spawn(bin, &a, dir, "sidecar")?;
-    if let Err(e) = wait_ok(
-        http,
-        &format!("http://{addr}/readyz"),
-        Duration::from_secs(60),
-    )
-    .await
-    {
-        bail!(
-            "sidecar not ready: {e}\n--- sidecar log:\n{}",
-            proc.log_text()
-        );
+    start_sidecar_in(bin, dir, control, extra, http, None).await
+}
+
+/// Like [`start_sidecar`], with the sidecar moved into the cgroup v2
+/// directory `cgroup` (see [`Proc::spawn_in_cgroup`]) when one is given.
+///
+/// The port comes from [`free_port`], so another process may bind it first.
+/// Then the sidecar exits, or a sidecar of another run answers on it; the
+/// pid in `/readyz` tells the two apart, and another port is tried.
+pub async fn start_sidecar_in(
+    bin: &Path,
+    dir: &Path,
+    control: SocketAddr,
+    extra: &[&str],
+    http: &reqwest::Client,
+    cgroup: Option<&Path>,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    const PORTS: usize = 5;
+    let mut last_log = String::new();
+    for _ in 0..PORTS {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let mut a = strings(&[
+            "sidecar",
+            "--control",
+            &control.to_string(),
+            "--listen",
+            &addr.to_string(),
+        ]);
+        a.extend(strings(extra));
+        let mut proc = match cgroup {
+            Some(cg) => Proc::spawn_in_cgroup(bin, &a, dir, "sidecar", cg)?,
+            None => Proc::spawn(bin, &a, dir, "sidecar")?,
+        };
+        match wait_own_ready(&mut proc, http, addr, Duration::from_secs(60)).await {
+            Start::Ready => return Ok((proc, addr)),
+            Start::Taken => {
+                proc.kill().await?;
+                last_log = proc.log_text();
+            }
+            Start::Exited => {
+                last_log = proc.log_text();
+                if !last_log.contains("cannot listen") {
+                    bail!("sidecar exited before it was ready\n--- sidecar log:\n{last_log}");
+                }
+            }
+            Start::NotReady(e) => {
+                bail!(
+                    "sidecar not ready: {e}\n--- sidecar log:\n{}",
+                    proc.log_text()
+                )
+            }
+        }
     }
-    Ok((proc, addr))
+    bail!("no free port held for the sidecar in {PORTS} tries\n--- last sidecar log:\n{last_log}")
+}
+
+enum Start {
+    Ready,
+    /// Another process answers on the port.
+    Taken,
+    Exited,
+    NotReady(String),
+}
+
+/// Polls the sidecar's `/readyz` until it applied a table, telling by the
+/// pid in the answer whether `proc` or another process holds the port.
+async fn wait_own_ready(
+    proc: &mut Proc,
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    within: Duration,
+) -> Start {
+    let url = format!("http://{addr}/readyz");
+    let own = proc.pid().unwrap_or(0);
+    let end = tokio::time::Instant::now() + within;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < end {
+        if proc.exited() {
+            return Start::Exited;
+        }
+        match http.get(&url).send().await {
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                let pid = body
+                    .trim_end()
+                    .rsplit_once(", pid ")
+                    .and_then(|(_, p)| p.parse::<u32>().ok());
+                if pid != Some(own) {
+                    return Start::Taken;
+                }
+                if status.is_success() {
+                    return Start::Ready;
+                }
+                last = format!("status {status}: {}", body.trim());
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Start::NotReady(format!("{url} not ready within {within:?}: {last}"))
 }
 
 /// A fresh directory for one run's policy and logs.

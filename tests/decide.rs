@@ -125,9 +125,7 @@ impl Stack {
         }
         let policy = dir.join("policy.yaml");
         cluster::write_atomic(&policy, &policy_text(&started, extra, tail)).expect("policy");
-        let port = cluster::free_port().expect("port");
-        let (control, control_addr) =
-            start_control(&dir, &policy, &format!("127.0.0.1:{port}")).await;
+        let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()

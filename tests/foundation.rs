@@ -244,6 +244,34 @@ async fn the_sidecar_outlives_its_control_plane_and_reconnects() {
     assert_eq!(status, 200);
 }
 
+/// A port another process holds: the sidecar says which address it could
+/// not take and exits at once, rather than retrying with nothing listening
+/// while a launcher takes the other process's answers for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_whose_port_is_taken_exits_with_a_clear_error() {
+    let dir = cluster::run_dir("taken").unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let mut sidecar = cluster::Proc::spawn(
+        common::bin(),
+        &common::args(&["sidecar", "--control", "127.0.0.1:1", "--listen", &addr]),
+        &dir,
+        "sidecar",
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), sidecar.wait())
+        .await
+        .expect("the sidecar exits instead of waiting for the port")
+        .unwrap();
+    assert!(!status.success());
+    let log = sidecar.log_text();
+    assert!(
+        log.contains(&format!("cannot listen on {addr}")),
+        "the log names the address: {log}"
+    );
+    drop(holder);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_policy_edit_is_refused_and_the_old_table_stays() {
     let stack = Stack::start("badedit", &[("onprem-a", "onprem", &[])], &[], &[]).await;

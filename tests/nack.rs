@@ -106,7 +106,7 @@ async fn a_table_that_cannot_be_applied_is_nacked_and_the_old_one_stays() {
     );
 
     let sidecar: SocketAddr = ([127, 0, 0, 1], cluster::free_port().unwrap()).into();
-    let _sidecar = Proc::spawn(
+    let sidecar_proc = Proc::spawn(
         common::bin(),
         &common::args(&[
             "sidecar",
@@ -158,7 +158,13 @@ async fn a_table_that_cannot_be_applied_is_nacked_and_the_old_one_stays() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
-    assert!(ready.text().await.unwrap().contains("version 1"));
+    let ready = ready.text().await.unwrap();
+    assert!(ready.contains("version 1"), "{ready}");
+    let own = format!("pid {}\n", sidecar_proc.pid().unwrap());
+    assert!(
+        ready.contains(&own),
+        "another sidecar holds the port: {ready}"
+    );
     let r = http
         .post(format!("http://{sidecar}/v1/chat/completions"))
         .json(&serde_json::json!({"model": common::MODEL, "messages": []}))

@@ -107,23 +107,11 @@ async fn start(rtt_args: &[&str], cgroup: Option<&Path>) -> anyhow::Result<Runni
     )?;
     let (control, control_addr) =
         cluster::start_control(bin, &dir, &policy, "127.0.0.1:0", &[]).await?;
-    let addr: SocketAddr = ([127, 0, 0, 1], cluster::free_port()?).into();
-    let mut args = strings(&["sidecar", "--id", "rtt-e2e", "--control"]);
-    args.extend([
-        control_addr.to_string(),
-        "--listen".into(),
-        addr.to_string(),
-    ]);
-    args.extend(strings(rtt_args));
-    let sidecar = match cgroup {
-        Some(cg) => Proc::spawn_in_cgroup(bin, &args, &dir, "sidecar", cg)?,
-        None => Proc::spawn(bin, &args, &dir, "sidecar")?,
-    };
     let http = reqwest::Client::new();
-    let ready = format!("http://{addr}/readyz");
-    if let Err(e) = cluster::wait_ok(&http, &ready, Duration::from_secs(30)).await {
-        anyhow::bail!("{e}; sidecar log:\n{}", sidecar.log_text());
-    }
+    let mut extra = vec!["--id", "rtt-e2e"];
+    extra.extend_from_slice(rtt_args);
+    let (sidecar, addr) =
+        cluster::start_sidecar_in(bin, &dir, control_addr, &extra, &http, cgroup).await?;
     Ok(Running {
         _mock: mock,
         _control: control,

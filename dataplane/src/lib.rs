@@ -57,11 +57,26 @@ pub enum SidecarError {
     Thread(#[from] std::io::Error),
     #[error("RTT source: {0}")]
     Rtt(#[from] switchyard_rtt::RttError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
 /// stops at once. Never returns on success.
 pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    // pingora retries a taken port for 30 s, then panics in its service
+    // thread and leaves the process up with nothing listening; a sidecar
+    // that cannot take its port must say so and exit at once instead.
+    // (std sets SO_REUSEADDR, as pingora does, so TIME_WAIT is no obstacle.)
+    drop(
+        std::net::TcpListener::bind(&config.listen).map_err(|source| SidecarError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?,
+    );
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
     let usage = Arc::new(usage::Usage::default());
     let live = Arc::new(table::Live::default());

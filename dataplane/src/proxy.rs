@@ -1014,11 +1014,21 @@ impl ProxyHttp for Sidecar {
             }
             ("GET", "/readyz") => match self.tables.load_full() {
                 Some(t) => {
-                    let body = Bytes::from(format!("ready: table version {}\n", t.version));
+                    // The pid tells a launcher that the process answering on
+                    // this port is the one it started, not an older sidecar
+                    // still bound there.
+                    let body = Bytes::from(format!(
+                        "ready: table version {}, pid {}\n",
+                        t.version,
+                        std::process::id()
+                    ));
                     self.respond(session, ctx, 200, "text/plain", body).await?
                 }
                 None => {
-                    let body = Bytes::from_static(b"not ready: no routing table applied yet\n");
+                    let body = Bytes::from(format!(
+                        "not ready: no routing table applied yet, pid {}\n",
+                        std::process::id()
+                    ));
                     self.respond(session, ctx, 503, "text/plain", body).await?
                 }
             },
