@@ -430,6 +430,19 @@ async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(models["data"][0]["id"], MODEL);
+    // Probes that ask with HEAD get GET's status and length, and no body.
+    for path in ["/healthz", "/readyz"] {
+        let get = stack.http.get(stack.url(path)).send().await.unwrap();
+        let (get_status, get_len) = (get.status(), get.text().await.unwrap().len());
+        let head = stack.http.head(stack.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), get_status, "{path}");
+        assert_eq!(
+            head.headers()["content-length"].to_str().unwrap(),
+            get_len.to_string(),
+            "{path}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "{path}");
+    }
     assert_eq!(
         stack.mocks[0].requests(&stack.http).await,
         2,

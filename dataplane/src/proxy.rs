@@ -121,6 +121,10 @@ impl Sidecar {
         if let Some(d) = ctx.degraded {
             h.insert_header("x-switchyard-degraded", d)?;
         }
+        // HEAD gets GET's headers, Content-Length included, and no body.
+        if session.req_header().method == http::Method::HEAD {
+            return session.write_response_header(Box::new(h), true).await;
+        }
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await
     }
@@ -987,7 +991,9 @@ impl ProxyHttp for Sidecar {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let method = session.req_header().method.as_str().to_owned();
         let path = session.req_header().uri.path().to_owned();
-        match (method.as_str(), path.as_str()) {
+        // Load balancers and probes may ask with HEAD; it answers as GET does.
+        let route_method = if method == "HEAD" { "GET" } else { &method };
+        match (route_method, path.as_str()) {
             ("POST", CHAT_PATH) => self.chat(session, ctx).await?,
             ("GET", "/v1/models") => match self.tables.load_full() {
                 Some(t) => {
