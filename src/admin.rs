@@ -262,6 +262,8 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "class": j.class, "reason": j.reason, "remaining_ms": j.remaining_ms,
             })).collect::<Vec<_>>(),
             "queue_waiting": e.queue_waiting, "kv_cache": e.kv_cache,
+            "spend_last_hour_usd": e.spend_last_hour_usd,
+            "budget_usd_per_hour": e.budget_usd_per_hour, "over_budget": e.over_budget,
         })).collect::<Vec<_>>(),
         "classes": s.classes.iter().map(|c| serde_json::json!({
             "name": c.name, "unroutable_reason": c.unroutable_reason, "note": c.note,
@@ -298,6 +300,8 @@ fn print_status(s: &pb::StatusResponse) {
             "drained"
         } else if !e.ejections.is_empty() {
             "ejected"
+        } else if !e.over_budget.is_empty() {
+            "budget"
         } else {
             "ok"
         };
@@ -309,6 +313,8 @@ fn print_status(s: &pb::StatusResponse) {
             .join(",");
         let why = if !e.switched_off_reason.is_empty() {
             e.switched_off_reason.clone()
+        } else if !e.over_budget.is_empty() {
+            format!("over budget: {}", e.over_budget)
         } else {
             e.ejections
                 .iter()

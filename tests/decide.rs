@@ -793,3 +793,150 @@ async fn a_restarted_control_plane_keeps_switches_audit_and_decision_and_resumes
     assert!(!log.contains("refused"), "no NACK: {}", log_tail(&log));
     load.stop().await;
 }
+
+/// One chat completion through the sidecar in `class`: status, the
+/// endpoint and degradation headers, and the body as JSON.
+async fn ask_class(stack: &Stack, class: &str) -> (u16, String, String, serde_json::Value) {
+    let r = stack
+        .http
+        .post(format!("http://{}/v1/chat/completions", stack.sidecar_addr))
+        .header("x-switchyard-class", class)
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "what does this cost?"}],
+        }))
+        .send()
+        .await
+        .expect("the sidecar answers");
+    let h = |k: &str| {
+        r.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (status, ep, degraded) = (
+        r.status().as_u16(),
+        h("x-switchyard-endpoint"),
+        h("x-switchyard-degraded"),
+    );
+    (status, ep, degraded, r.json().await.expect("JSON answer"))
+}
+
+/// A spend budget is one budget for the fleet, judged by the control plane
+/// on its durable ledger: once an endpoint's spend over the last hour
+/// reaches it, traffic leaves it for endpoints within budget, classes with
+/// nowhere else to go degrade as their policy says (or get 503
+/// `over_budget`), and a restarted control plane still knows it is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_moves_traffic_degrades_classes_and_survives_a_restart() {
+    let _serial = SERIAL.lock().await;
+    // cloud costs $1/$2 per million tokens: one answer spends more than
+    // its $0.00001 budget.
+    let tail = "\
+classes:
+  - name: standard
+    weights: { cloud: 1 }
+  - name: capped
+    tiers: [burst]
+    degrade: { max_tokens: 3 }
+  - name: rejecting
+    tiers: [burst]
+    degrade: { reject: cloud spend is paused }
+  - name: plain
+    tiers: [burst]
+routing:
+  exploration: 0
+";
+    let mut stack = Stack::start(
+        "budget",
+        &[("gpu", "onprem", &[]), ("cloud", "burst", &[])],
+        &|m| {
+            if m.name == "cloud" {
+                "    budget_usd_per_hour: 0.00001\n".to_string()
+            } else {
+                String::new()
+            }
+        },
+        tail,
+    )
+    .await;
+
+    let (status, ep, _, body) = ask_class(&stack, "standard").await;
+    assert_eq!((status, ep.as_str()), (200, "cloud"), "{body}");
+    let usage = &body["usage"];
+    let spent = (usage["prompt_tokens"].as_f64().unwrap()
+        + 2.0 * usage["completion_tokens"].as_f64().unwrap())
+        / 1e6;
+    assert!(spent > 0.00001, "the test needs one answer to spend it all");
+
+    let s = stack
+        .eventually("cloud over budget", Duration::from_secs(15), |s| {
+            (!endpoint(s, "cloud").over_budget.is_empty()).then(|| s.clone())
+        })
+        .await;
+    let cloud = endpoint(&s, "cloud");
+    assert!(
+        (cloud.spend_last_hour_usd - spent).abs() < 1e-9,
+        "the ledger holds what the answer cost: {cloud:?}"
+    );
+    assert_eq!(cloud.budget_usd_per_hour, 0.00001);
+    assert!(cloud.over_budget.contains("budget"), "{cloud:?}");
+    assert!(endpoint(&s, "gpu").over_budget.is_empty());
+    assert_eq!(weight(&s, "cloud"), 0.0, "{s:#?}");
+    assert_eq!(weight(&s, "gpu"), 1.0, "{s:#?}");
+    stack.acked(s.table_version).await;
+    let cloud_before = stack.mock("cloud").stats(&stack.http).await["requests"]
+        .as_u64()
+        .unwrap();
+
+    // Pinned to cloud, the class moves to gpu, within budget.
+    let (status, ep, degraded, _) = ask_class(&stack, "standard").await;
+    assert_eq!((status, ep.as_str(), degraded.as_str()), (200, "gpu", ""));
+    // Nowhere else to go: capped requests still reach cloud, smaller.
+    let (status, ep, degraded, body) = ask_class(&stack, "capped").await;
+    assert_eq!(
+        (status, ep.as_str(), degraded.as_str()),
+        (200, "cloud", "cap-max-tokens"),
+        "{body}"
+    );
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+    // Rejected by policy, or by default, with the reason.
+    let (status, _, degraded, body) = ask_class(&stack, "rejecting").await;
+    assert_eq!((status, degraded.as_str()), (503, "reject"), "{body}");
+    assert_eq!(body["error"]["code"], "degraded_reject");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("over budget") && message.contains("cloud spend is paused"),
+        "{message}"
+    );
+    let (status, _, _, body) = ask_class(&stack, "plain").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("over_budget")),
+        "{body}"
+    );
+    let cloud_after = stack.mock("cloud").stats(&stack.http).await["requests"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cloud_after, cloud_before + 1, "only the capped request");
+
+    let text = stack.cli(&["status"], TOKEN).await.expect("status");
+    assert!(text.contains("over budget: spent $"), "{text}");
+
+    // The ledger is durable: a restarted control plane starts out knowing.
+    stack
+        .control
+        .stop(Duration::from_secs(5))
+        .await
+        .expect("control stops");
+    let (control, addr) =
+        start_control(&stack.dir, &stack.policy, &stack.control_addr.to_string()).await;
+    stack.control = control;
+    assert_eq!(addr, stack.control_addr);
+    let after = stack.status().await;
+    let cloud = endpoint(&after, "cloud");
+    assert!(!cloud.over_budget.is_empty(), "{cloud:?}");
+    assert!(cloud.spend_last_hour_usd > 0.00001, "{cloud:?}");
+    assert_eq!(weight(&after, "cloud"), 0.0);
+}

@@ -165,6 +165,8 @@ impl pb::admin_server::Admin for Admin {
             (s, spend)
         };
         let switches = self.store.switches(now).map_err(internal)?;
+        // Booked at each computation: up to one interval behind the reports.
+        let last_hour = self.store.spend_last_hour(now).map_err(internal)?;
         let decision = &published.decision;
         let endpoints = published
             .policy
@@ -226,6 +228,13 @@ impl pb::admin_server::Admin for Admin {
                         .and_then(|s| s.queue)
                         .and_then(|q| q.kv_cache)
                         .unwrap_or(-1.0),
+                    spend_last_hour_usd: last_hour.get(&e.name).copied().unwrap_or(0.0),
+                    budget_usd_per_hour: e.budget_usd_per_hour.unwrap_or(0.0),
+                    over_budget: decision
+                        .over_budget
+                        .get(&e.name)
+                        .cloned()
+                        .unwrap_or_default(),
                 }
             })
             .collect();

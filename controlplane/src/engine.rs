@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::budget;
 use crate::policy::Policy;
 use crate::publish::{now_ms, LoadError, Published, Publisher};
 use crate::signals::Aggregator;
@@ -49,6 +50,30 @@ pub fn lock(a: &Mutex<Aggregator>) -> std::sync::MutexGuard<'_, Aggregator> {
     a.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Books the spend reported since the last call into the durable ledger and
+/// says which endpoints are over budget. When the ledger cannot be written
+/// the spend waits in memory for the next call; when it cannot be read, the
+/// answer is `None` and the caller keeps what it last knew.
+fn budget_guard(
+    policy: &Policy,
+    store: &Store,
+    aggregator: &Mutex<Aggregator>,
+    now: u64,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let unbooked = lock(aggregator).take_unbooked();
+    if let Err(e) = store.book_spend(now, &unbooked) {
+        tracing::error!(error = %e, "cannot book spend; it waits for the next computation");
+        lock(aggregator).unbook(unbooked);
+    }
+    match store.spend_last_hour(now) {
+        Ok(spent) => Some(budget::over_budget(policy, &spent)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the spend ledger; budget standing unchanged");
+            None
+        }
+    }
+}
+
 impl Engine {
     /// Loads the policy, resumes from the stored decision and version, and
     /// publishes the first table.
@@ -71,11 +96,14 @@ impl Engine {
             }
         };
         let now = now_ms();
-        let switches = store.switches(now).unwrap_or_else(|e| {
+        let mut switches = store.switches(now).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the switches; starting with none");
             Switches::default()
         });
         let (publisher, tables) = Publisher::load(policy_path, last_version, |policy| {
+            // The ledger outlives restarts, so a spent budget stays spent.
+            switches.over_budget =
+                budget_guard(policy, &store, &aggregator, now).unwrap_or_default();
             let mut agg = lock(&aggregator);
             agg.set_window(u64::from(policy.routing.window_ms));
             weights::decide(policy, &switches, &agg.snapshot(now), &prev)
@@ -136,13 +164,27 @@ impl Engine {
     /// Returns the version in force after it.
     fn step(&mut self) -> u64 {
         let now = now_ms();
+        let over_budget = budget_guard(&self.policy, &self.store, &self.aggregator, now);
         let signals = lock(&self.aggregator).snapshot(now);
+        let was = std::mem::take(&mut self.switches.over_budget);
         match self.store.switches(now) {
             Ok(s) => self.switches = s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the switches; keeping the last ones")
             }
         }
+        let over_budget = over_budget.unwrap_or_else(|| was.clone());
+        for (endpoint, why) in &over_budget {
+            if !was.contains_key(endpoint) {
+                tracing::warn!(%endpoint, reason = %why, "endpoint over budget");
+            }
+        }
+        for endpoint in was.keys() {
+            if !over_budget.contains_key(endpoint) {
+                tracing::info!(%endpoint, "endpoint back within budget");
+            }
+        }
+        self.switches.over_budget = over_budget;
         let current = self.publisher.current();
         let decision = weights::decide(&self.policy, &self.switches, &signals, &current.decision);
         for (class, standing) in &decision.standing {

@@ -58,6 +58,11 @@ pub struct Endpoint {
     /// (`vllm:num_requests_waiting`) and KV-cache use.
     #[serde(default)]
     pub metrics_url: Option<String>,
+    /// Spend cap over any rolling hour, in USD, summed over every sidecar.
+    /// Past it the endpoint is over budget: it takes traffic only when
+    /// nothing within budget can, and classes degrade (see `degrade`).
+    #[serde(default)]
+    pub budget_usd_per_hour: Option<f64>,
 }
 
 fn default_api() -> ApiKind {
@@ -105,7 +110,8 @@ pub struct Class {
     pub hedge: bool,
     #[serde(default)]
     pub retry_budget: Option<RetryBudget>,
-    /// What to do when none of the class's weighted endpoints is healthy.
+    /// What to do when none of the class's weighted endpoints is healthy and
+    /// within budget.
     #[serde(default)]
     pub degrade: Option<Degrade>,
 }
@@ -315,6 +321,14 @@ impl Policy {
             ] {
                 if !v.is_finite() || v < 0.0 {
                     return err(at(f), format!("must be a non-negative number, got {v}"));
+                }
+            }
+            if let Some(b) = e.budget_usd_per_hour {
+                if !b.is_finite() || b <= 0.0 {
+                    return err(
+                        at("budget_usd_per_hour"),
+                        format!("must be a positive number, got {b}"),
+                    );
                 }
             }
         }

@@ -200,6 +200,8 @@ pub struct Aggregator {
     window_ms: u64,
     series: HashMap<String, Series>,
     decoder: Deserializer,
+    /// Spend reported but not yet booked into the durable ledger.
+    unbooked: HashMap<String, f64>,
 }
 
 impl Aggregator {
@@ -208,6 +210,7 @@ impl Aggregator {
             window_ms: window_ms.max(BUCKET_MS),
             series: HashMap::new(),
             decoder: Deserializer::new(),
+            unbooked: HashMap::new(),
         }
     }
 
@@ -229,6 +232,9 @@ impl Aggregator {
                 },
             );
             s.spend_total += w.spend_usd;
+            if w.spend_usd > 0.0 && w.spend_usd.is_finite() {
+                *self.unbooked.entry(w.endpoint.clone()).or_default() += w.spend_usd;
+            }
             if s.buckets.back().is_none_or(|b| b.start_ms < start) {
                 s.buckets.push_back(Bucket::new(start));
             }
@@ -259,6 +265,18 @@ impl Aggregator {
 
     pub fn set_queue(&mut self, endpoint: &str, q: Queue, now_ms: u64) {
         self.series.entry(endpoint.to_string()).or_default().scraped = Some((now_ms, q));
+    }
+
+    /// Spend reported since the last call, per endpoint, for the ledger.
+    pub fn take_unbooked(&mut self) -> Vec<(String, f64)> {
+        self.unbooked.drain().collect()
+    }
+
+    /// Gives back spend the ledger could not book, to try again later.
+    pub fn unbook(&mut self, spend: Vec<(String, f64)>) {
+        for (endpoint, usd) in spend {
+            *self.unbooked.entry(endpoint).or_default() += usd;
+        }
     }
 
     /// Spend reported for `endpoint` since the control plane started.

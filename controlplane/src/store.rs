@@ -1,13 +1,15 @@
 //! The control plane's durable state in embedded SQLite: the operator's
 //! switches (kills, drains, overrides), the append-only audit log of every
-//! admin action, and the last published decision and version, so a
-//! restarted control plane resumes where it stopped.
+//! admin action, the last published decision and version, so a restarted
+//! control plane resumes where it stopped, and the spend ledger that
+//! budgets are judged on (per endpoint and minute, kept a day).
 //!
 //! A switch and its audit entry are written in one transaction: there is
 //! never a switch in force that the log does not explain. Triggers refuse
 //! any UPDATE or DELETE on the audit table, so "append-only" holds for
 //! anything that goes through SQLite, not just for this code.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -142,7 +144,16 @@ CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS spend (
+    endpoint TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    usd REAL NOT NULL,
+    PRIMARY KEY (endpoint, minute)
+);
 ";
+
+/// How long booked spend is kept; budgets look back one hour.
+const SPEND_KEPT_MS: u64 = 24 * 3_600_000;
 
 impl Store {
     /// Opens (creating if needed) the database at `path`; `None` keeps
@@ -327,6 +338,40 @@ impl Store {
         Ok(())
     }
 
+    /// Books reported spend into the ledger, in the minute of `now_ms`, in
+    /// one transaction, and forgets minutes older than a day.
+    pub fn book_spend(&self, now_ms: u64, spend: &[(String, f64)]) -> Result<(), StoreError> {
+        let minute = (now_ms / 60_000) as i64;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (endpoint, usd) in spend {
+            tx.execute(
+                "INSERT INTO spend (endpoint, minute, usd) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (endpoint, minute) DO UPDATE SET usd = usd + excluded.usd",
+                params![endpoint, minute, usd],
+            )?;
+        }
+        let oldest = (now_ms.saturating_sub(SPEND_KEPT_MS) / 60_000) as i64;
+        tx.execute("DELETE FROM spend WHERE minute < ?1", params![oldest])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Spend per endpoint booked in the last hour before `now_ms` (whole
+    /// minutes: the current one and the 59 before it).
+    pub fn spend_last_hour(&self, now_ms: u64) -> Result<BTreeMap<String, f64>, StoreError> {
+        let to = now_ms / 60_000;
+        let from = to.saturating_sub(59);
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT endpoint, SUM(usd) FROM spend WHERE minute BETWEEN ?1 AND ?2 GROUP BY endpoint",
+        )?;
+        let rows = stmt.query_map(params![from as i64, to as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The last saved version and decision, if any.
     pub fn load_decision(&self) -> Result<Option<(u64, Decision)>, StoreError> {
         let conn = self.conn();
@@ -357,6 +402,36 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("state.db")
+    }
+
+    #[test]
+    fn the_spend_ledger_sums_the_last_hour_and_survives_a_reopen() {
+        let path = temp_db("spend");
+        let hour = 3_600_000;
+        let t0 = 10 * 24 * hour;
+        {
+            let s = Store::open(Some(&path)).unwrap();
+            s.book_spend(t0, &[("a".into(), 1.5), ("b".into(), 0.25)])
+                .unwrap();
+            s.book_spend(t0 + 1_000, &[("a".into(), 0.5)]).unwrap();
+            s.book_spend(t0 + 30 * 60_000, &[("a".into(), 2.0)])
+                .unwrap();
+        }
+        let s = Store::open(Some(&path)).unwrap();
+        let at = |ms| s.spend_last_hour(ms).unwrap();
+        assert_eq!(at(t0 + 60_000).get("a"), Some(&2.0));
+        assert_eq!(at(t0 + 30 * 60_000).get("a"), Some(&4.0));
+        assert_eq!(at(t0 + 30 * 60_000).get("b"), Some(&0.25));
+        // An hour on, the first minute has left the window.
+        assert_eq!(at(t0 + hour).get("a"), Some(&2.0));
+        assert_eq!(at(t0 + hour).get("b"), None);
+        // A day on, booking forgets what is older than a day.
+        s.book_spend(t0 + 25 * hour, &[]).unwrap();
+        let rows: i64 = s
+            .conn()
+            .query_row("SELECT COUNT(*) FROM spend", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
     }
 
     #[test]

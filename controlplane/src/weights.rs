@@ -15,6 +15,9 @@
 //!    judged only on samples taken since, and its weight climbs back by at
 //!    most `max_step` per computation. When every eligible endpoint is
 //!    ejected, all of them carry the class (a degraded route beats none).
+//!    Budgets come before the SLA: an endpoint over budget carries nothing
+//!    while any eligible endpoint within budget exists, ejected or not, and
+//!    goes last in the chain.
 //! 3. Fill. Healthy endpoints are taken in tier order, cheapest first;
 //!    each takes traffic up to its burst budget (capacity ×
 //!    `burst_utilisation`, less when its scraped vLLM queue is deeper than
@@ -61,6 +64,11 @@ pub struct Switches {
     pub killed_providers: BTreeMap<String, String>,
     pub drained: BTreeMap<String, String>,
     pub overrides: Vec<Override>,
+    /// Endpoints whose spend over the last hour reached their budget, with
+    /// the reason. Set by the control plane from its ledger, not by an
+    /// operator: such an endpoint is used only when no endpoint within
+    /// budget can carry the class.
+    pub over_budget: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,13 +145,18 @@ pub struct Decision {
     pub classes: BTreeMap<String, ClassDecision>,
     /// Class → endpoint → standing.
     pub standing: BTreeMap<String, BTreeMap<String, Standing>>,
+    /// Endpoints over budget, with the reason; the table flags them.
+    #[serde(default)]
+    pub over_budget: BTreeMap<String, String>,
 }
 
 impl Decision {
     /// Whether the routes, chains or routability differ in a way a sidecar
     /// would notice; standing alone changes nothing it routes on.
     pub fn routes_differ(&self, other: &Decision) -> bool {
-        if self.classes.len() != other.classes.len() {
+        if self.classes.len() != other.classes.len()
+            || !self.over_budget.keys().eq(other.over_budget.keys())
+        {
             return true;
         }
         self.classes.iter().any(|(name, a)| {
@@ -534,11 +547,13 @@ pub fn decide(
             }
         }
         let is_ejected = |e: &Endpoint| standing.get(&e.name).is_some_and(|s| s.ejected(now));
+        let over = |e: &Endpoint| switches.over_budget.contains_key(&e.name);
 
         let mut fallback: Vec<&Endpoint> = eligible.clone();
         fallback.sort_by(|a, b| {
-            is_ejected(a)
-                .cmp(&is_ejected(b))
+            over(a)
+                .cmp(&over(b))
+                .then(is_ejected(a).cmp(&is_ejected(b)))
                 .then(rank(a).cmp(&rank(b)))
                 .then(cost(a, mix).total_cmp(&cost(b, mix)))
                 .then(a.name.cmp(&b.name))
@@ -568,6 +583,7 @@ pub fn decide(
             if let Some(w) = &class.weights {
                 pinned = eligible
                     .iter()
+                    .filter(|e| !over(e))
                     .filter_map(|e| w.get(&e.name).map(|v| (e.name.clone(), *v)))
                     .collect();
                 normalise(&mut pinned);
@@ -575,26 +591,32 @@ pub fn decide(
             let routes = if !pinned.is_empty() {
                 pinned
             } else {
-                let healthy: Vec<&Endpoint> = eligible
-                    .iter()
-                    .copied()
-                    .filter(|e| !is_ejected(e))
-                    .collect();
-                let active = if healthy.is_empty() {
-                    decision.note = Some(
-                        "every eligible endpoint breaks the SLA; routing on all of them"
-                            .to_string(),
-                    );
-                    eligible.clone()
-                } else {
-                    healthy
-                };
                 if class.weights.is_some() {
                     decision.note = Some(
-                        "every endpoint with a static weight is switched off; weights computed"
+                        "every endpoint with a static weight is switched off or over budget; weights computed"
                             .to_string(),
                     );
                 }
+                // A budget is firmer than the SLA: within-budget endpoints
+                // that break the SLA still come before over-budget ones.
+                let within: Vec<&Endpoint> =
+                    eligible.iter().copied().filter(|e| !over(e)).collect();
+                let healthy: Vec<&Endpoint> =
+                    within.iter().copied().filter(|e| !is_ejected(e)).collect();
+                let active = if !healthy.is_empty() {
+                    healthy
+                } else if !within.is_empty() {
+                    decision.note = Some(
+                        "every eligible endpoint within budget breaks the SLA; routing on all of them"
+                            .to_string(),
+                    );
+                    within
+                } else {
+                    decision.note = Some(
+                        "every eligible endpoint is over budget; the class degrades".to_string(),
+                    );
+                    eligible.clone()
+                };
                 let t = target(policy, class, &active, signals);
                 // Zero targets stay in the map: an endpoint that keeps its
                 // place in the class but loses its share is smoothed out,
@@ -632,6 +654,12 @@ pub fn decide(
         out.classes.insert(class.name.clone(), decision);
         out.standing.insert(class.name.clone(), standing);
     }
+    out.over_budget = switches
+        .over_budget
+        .iter()
+        .filter(|(name, _)| policy.endpoints.iter().any(|e| &e.name == *name))
+        .map(|(n, r)| (n.clone(), r.clone()))
+        .collect();
     out
 }
 

@@ -278,7 +278,8 @@ impl Sidecar {
         let deadline = started + app_deadline.map_or(class.deadline, |d| d.min(class.deadline));
 
         let (streamed, include_usage) = (req.stream, req.include_usage);
-        // Degrade when none of the class's preferred endpoints is healthy.
+        // Degrade when none of the class's preferred endpoints is healthy
+        // and within budget.
         let mut body = body;
         let mut route = route;
         let now = started.into_std();
@@ -286,9 +287,24 @@ impl Sidecar {
             .choice
             .as_ref()
             .map_or(&route.fallback[..1], |c| c.endpoints());
+        let available = |i: &&usize| table.endpoints[**i].state.available(now);
         let healthy = preferred
             .iter()
-            .any(|i| table.endpoints[*i].state.available(now));
+            .filter(available)
+            .any(|i| !table.endpoints[*i].over_budget);
+        let why = if preferred.iter().any(|i| available(&i)) {
+            "over budget"
+        } else {
+            "unhealthy"
+        };
+        // Only a request whose `max_tokens` was capped for it may still go to
+        // an endpoint over budget: that is what capping is for.
+        let mut over_budget_ok = false;
+        if !healthy && class.degrade.is_none() && why == "over budget" {
+            return self
+                .error(session, ctx, over_budget_error(&class.name))
+                .await;
+        }
         if let (false, Some(d)) = (healthy, &class.degrade) {
             ctx.degraded = Some(d.label());
             self.metrics
@@ -299,7 +315,7 @@ impl Sidecar {
                         503,
                         "server_error",
                         format!(
-                            "the preferred endpoints of class `{}` are unhealthy: {reason}",
+                            "the preferred endpoints of class `{}` are {why}: {reason}",
                             class.name
                         ),
                     )
@@ -313,7 +329,10 @@ impl Sidecar {
                     }
                     classify::rewrite(&body, Some(m), None)
                 }
-                Degrade::MaxTokens(n) => classify::rewrite(&body, None, Some(*n)),
+                Degrade::MaxTokens(n) => {
+                    over_budget_ok = true;
+                    classify::rewrite(&body, None, Some(*n))
+                }
             };
             match rewritten {
                 Ok(b) => body = b,
@@ -385,6 +404,7 @@ impl Sidecar {
             body: &body,
             ttft: class.ttft_timeout,
             deadline,
+            over_budget_ok,
         };
         lock(&class.retry).request(now);
         let mut tried = Tried::default();
@@ -393,17 +413,22 @@ impl Sidecar {
                 c,
                 fastrand::f64(),
                 fastrand::f64(),
-                |i| table.endpoints[i].usable(now),
+                |i| table.endpoints[i].usable_for(now, over_budget_ok),
                 |i| table.endpoints[i].state.cost(),
             )
         });
         // With every preferred endpoint out, the chain leads; with every
         // endpoint out, the preferred choice is tried anyway rather than
-        // failing without an attempt.
+        // failing without an attempt (but never over budget).
         let mut next = first
-            .or_else(|| self.next_in_chain(&table, route, &tried))
+            .or_else(|| self.next_in_chain(&table, route, &tried, over_budget_ok))
             .or_else(|| route.choice.as_ref().map(|c| c.pick(fastrand::f64())))
             .unwrap_or(route.fallback[0]);
+        if table.endpoints[next].over_budget && !over_budget_ok {
+            return self
+                .error(session, ctx, over_budget_error(&class.name))
+                .await;
+        }
         let mut last_err = None;
         let mut stale_retried = false;
         loop {
@@ -462,7 +487,7 @@ impl Sidecar {
             let candidate = if stale {
                 Some(*failed_idx)
             } else {
-                self.next_in_chain(&table, route, &tried)
+                self.next_in_chain(&table, route, &tried, over_budget_ok)
             };
             let Some(candidate) = candidate else {
                 break;
@@ -517,14 +542,20 @@ impl Sidecar {
         self.error(session, ctx, e).await
     }
 
-    /// The first endpoint of the chain not yet tried and available now.
-    fn next_in_chain(&self, table: &Table, route: &Route, tried: &Tried) -> Option<usize> {
+    /// The first endpoint of the chain not yet tried and usable now.
+    fn next_in_chain(
+        &self,
+        table: &Table,
+        route: &Route,
+        tried: &Tried,
+        over_budget_ok: bool,
+    ) -> Option<usize> {
         let now = std::time::Instant::now();
         route
             .fallback
             .iter()
             .copied()
-            .find(|i| !tried.contains(*i) && table.endpoints[*i].usable(now))
+            .find(|i| !tried.contains(*i) && table.endpoints[*i].usable_for(now, over_budget_ok))
     }
 
     /// Books a failed attempt: telemetry, local outlier detection, and
@@ -578,7 +609,7 @@ impl Sidecar {
         // A hedge is a retry: when a provider slows down for everyone, the
         // budget keeps hedges from doubling its load.
         let second = self
-            .next_in_chain(table, route, tried)
+            .next_in_chain(table, route, tried, attempt.over_budget_ok)
             .filter(|_| lock(attempt.retry).try_retry(std::time::Instant::now()));
         let Some(second) = second else {
             return Outcomes::one(first, primary.await);
@@ -842,6 +873,8 @@ struct Attempt<'a> {
     body: &'a Bytes,
     ttft: Duration,
     deadline: Instant,
+    /// Whether endpoints over budget may be tried (see `chat`).
+    over_budget_ok: bool,
 }
 
 impl<'a> Attempt<'a> {
@@ -888,6 +921,17 @@ impl<'a> Attempt<'a> {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn over_budget_error(class: &str) -> ApiError {
+    ApiError::new(
+        503,
+        "server_error",
+        format!(
+            "every endpoint class `{class}` may use now is over its spend budget for the last hour"
+        ),
+    )
+    .code("over_budget")
 }
 
 fn route_error(e: RouteError<'_>, model: &str) -> ApiError {

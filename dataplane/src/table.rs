@@ -71,6 +71,9 @@ pub struct Endpoint {
     pub price_output_per_mtok: f64,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
+    /// The fleet's spend on it over the last hour reached its budget (the
+    /// control plane judges; see `proxy` for what the sidecar does).
+    pub over_budget: bool,
     pub state: Arc<EndpointState>,
 }
 
@@ -78,6 +81,11 @@ impl Endpoint {
     /// Available (not ejected, not throttled) and below capacity.
     pub fn usable(&self, now: std::time::Instant) -> bool {
         !self.at_capacity() && self.state.available(now)
+    }
+
+    /// Usable, and within budget unless the request may go over it.
+    pub fn usable_for(&self, now: std::time::Instant, over_budget_ok: bool) -> bool {
+        (over_budget_ok || !self.over_budget) && self.usable(now)
     }
 
     pub fn at_capacity(&self) -> bool {
@@ -257,6 +265,7 @@ impl Table {
                 price_input_per_mtok: e.price_input_per_mtok,
                 price_output_per_mtok: e.price_output_per_mtok,
                 capacity: e.capacity,
+                over_budget: e.over_budget,
                 state: live.endpoints.get(&e.name),
             });
         }
@@ -405,6 +414,7 @@ mod tests {
             price_input_per_mtok: 1.0,
             price_output_per_mtok: 2.0,
             capacity: 0,
+            over_budget: false,
         }
     }
 

@@ -230,6 +230,38 @@ fn killed_and_drained_endpoints_leave_routes_and_chains_at_once() {
 }
 
 #[test]
+fn an_endpoint_over_budget_carries_nothing_while_another_can_and_goes_last_in_the_chain() {
+    let p = three_tiers("");
+    let prev = decide(
+        &p,
+        &Switches::default(),
+        &signals(NOW, &[]),
+        &Decision::default(),
+    );
+    assert!(w(&prev, "standard", "onprem") > 0.5);
+    let mut sw = Switches::default();
+    sw.over_budget.insert("onprem".into(), "spent".into());
+    let d = decide(&p, &sw, &signals(NOW, &[]), &prev);
+    let c = &d.classes["standard"];
+    assert_eq!(w(&d, "standard", "onprem"), 0.0, "leaves at once");
+    assert!((sum(c) - 1.0).abs() < 1e-9);
+    assert_eq!(c.fallback.last().map(String::as_str), Some("onprem"));
+    assert_eq!(d.over_budget.keys().collect::<Vec<_>>(), ["onprem"]);
+    assert!(d.routes_differ(&prev), "a new budget standing is pushed");
+
+    // Everything over budget: the class still routes, on all of them, and
+    // says so; the sidecar applies the class's degradation.
+    for e in ["burst", "hosted"] {
+        sw.over_budget.insert(e.into(), "spent".into());
+    }
+    let d = decide(&p, &sw, &signals(NOW, &[]), &d);
+    let c = &d.classes["standard"];
+    assert!(c.unroutable.is_none());
+    assert!((sum(c) - 1.0).abs() < 1e-9);
+    assert!(c.note.as_deref().unwrap().contains("over budget"));
+}
+
+#[test]
 fn static_weights_are_kept_and_rescaled_around_switched_off_endpoints() {
     let p = Policy::parse(
         "\
@@ -561,6 +593,21 @@ fn check_invariants(p: &Policy, sw: &Switches, d: &Decision) -> Result<(), TestC
                 );
             }
         }
+        // An endpoint over budget carries the class only when no eligible
+        // one within budget can (static weights are normalised over the
+        // eligible ones, budgets included).
+        let within = p.endpoints.iter().any(|e| {
+            class.may_use(e) && sw.off(e).is_none() && !sw.over_budget.contains_key(&e.name)
+        });
+        if within {
+            for name in c.routes.keys() {
+                prop_assert!(
+                    !sw.over_budget.contains_key(name),
+                    "{} routed to {name}, over budget, with an endpoint within budget",
+                    class.name
+                );
+            }
+        }
         for (name, weight) in &c.routes {
             prop_assert!(weight.is_finite() && *weight > 0.0);
             prop_assert!(
@@ -599,10 +646,14 @@ proptest! {
         sigs in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
         (killed, drained, providers) in (any::<u8>(), any::<u8>(), 0..4u8),
+        over in any::<u8>(),
         steps in 1..6usize,
     ) {
         let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
-        let sw = switches(eps.len(), killed, drained, providers);
+        let mut sw = switches(eps.len(), killed, drained, providers);
+        for i in (0..eps.len()).filter(|i| over & (1 << i) != 0) {
+            sw.over_budget.insert(format!("e{i}"), "test".into());
+        }
         let mut d = Decision::default();
         for i in 0..steps {
             let s = make_signals(NOW + i as u64 * 1000, &sigs[..eps.len()]);
