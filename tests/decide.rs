@@ -916,6 +916,22 @@ routing:
         (503, Some("over_budget")),
         "{body}"
     );
+    let metrics = stack
+        .http
+        .get(format!("http://{}/metrics", stack.sidecar_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "switchyard_over_budget_rejections_total{class=\"plain\"} 1",
+        "switchyard_degraded_total{class=\"rejecting\",action=\"reject\"} 1",
+        "switchyard_degraded_total{class=\"capped\",action=\"cap-max-tokens\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     let cloud_after = stack.mock("cloud").stats(&stack.http).await["requests"]
         .as_u64()
         .unwrap();

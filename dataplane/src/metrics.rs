@@ -1,6 +1,7 @@
 //! The sidecar's counters, rendered as Prometheus text on `/metrics`:
 //! requests by class, endpoint and status, and every resilience action
-//! (retries, fallbacks, hedges, ejections, sheds, degradations).
+//! (retries, fallbacks, hedges, ejections, sheds, degradations, budget
+//! refusals).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -17,6 +18,8 @@ pub enum Counter {
     Sheds,
     Degraded,
     RetryBudgetExhausted,
+    /// Requests refused because every endpoint they could use is over budget.
+    OverBudget,
 }
 
 impl Counter {
@@ -31,6 +34,7 @@ impl Counter {
             Counter::Sheds => "switchyard_sheds_total",
             Counter::Degraded => "switchyard_degraded_total",
             Counter::RetryBudgetExhausted => "switchyard_retry_budget_exhausted_total",
+            Counter::OverBudget => "switchyard_over_budget_rejections_total",
         }
     }
 }

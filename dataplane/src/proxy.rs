@@ -292,7 +292,9 @@ impl Sidecar {
             .iter()
             .filter(available)
             .any(|i| !table.endpoints[*i].over_budget);
-        let why = if preferred.iter().any(|i| available(&i)) {
+        let why = if healthy {
+            ""
+        } else if preferred.iter().any(|i| available(&i)) {
             "over budget"
         } else {
             "unhealthy"
@@ -301,6 +303,8 @@ impl Sidecar {
         // an endpoint over budget: that is what capping is for.
         let mut over_budget_ok = false;
         if !healthy && class.degrade.is_none() && why == "over budget" {
+            self.metrics
+                .inc(Counter::OverBudget, Some(&class.name), None, "");
             return self
                 .error(session, ctx, over_budget_error(&class.name))
                 .await;
@@ -425,6 +429,8 @@ impl Sidecar {
             .or_else(|| route.choice.as_ref().map(|c| c.pick(fastrand::f64())))
             .unwrap_or(route.fallback[0]);
         if table.endpoints[next].over_budget && !over_budget_ok {
+            self.metrics
+                .inc(Counter::OverBudget, Some(&class.name), None, "");
             return self
                 .error(session, ctx, over_budget_error(&class.name))
                 .await;
