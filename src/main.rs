@@ -141,6 +141,12 @@ struct MockArgs {
     hang_ratio: f64,
     #[arg(long, default_value_t = 0.0)]
     drop_mid_stream_ratio: f64,
+    /// Prompt tokens reported as read from the prompt cache.
+    #[arg(long, default_value_t = 0)]
+    cached_tokens: u32,
+    /// Reasoning tokens added to (and counted in) each answer's completion tokens.
+    #[arg(long, default_value_t = 0)]
+    reasoning_tokens: u32,
     /// Requests served at once; more queue (and show in
     /// vllm:num_requests_waiting on /metrics). Unlimited when absent.
     #[arg(long)]
@@ -276,6 +282,8 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         retry_after_s: a.retry_after_s,
         hang_ratio: a.hang_ratio,
         drop_mid_stream_ratio: a.drop_mid_stream_ratio,
+        cached_tokens: a.cached_tokens,
+        reasoning_tokens: a.reasoning_tokens,
     };
     behaviour.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))

@@ -463,15 +463,35 @@ fn usages(text: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
-    // The second mock costs 1 per million input tokens and 2 per million
-    // output tokens (see common::policy_text).
-    let stack = Stack::start(
+    // The second mock costs 1 per million input tokens, 0.25 per million
+    // cached input tokens and 2 per million output tokens; it reports part of
+    // every prompt as cached and adds reasoning tokens to every answer.
+    let stack = Stack::start_with(
         "spend",
         &[
             ("free", "onprem", &["--output-tokens", "16"]),
-            ("paid", "burst", &["--output-tokens", "16"]),
+            (
+                "paid",
+                "burst",
+                &[
+                    "--output-tokens",
+                    "16",
+                    "--cached-tokens",
+                    "2",
+                    "--reasoning-tokens",
+                    "5",
+                ],
+            ),
         ],
-        &[("free", 0.0), ("paid", 1.0)],
+        |m| {
+            let text = common::policy_text(m, &[("free", 0.0), ("paid", 1.0)]);
+            let priced = text.replace(
+                "output_per_mtok: 2 }",
+                "output_per_mtok: 2, cached_input_per_mtok: 0.25 }",
+            );
+            assert_ne!(priced, text, "the paid endpoint's price is in the policy");
+            priced
+        },
         &[],
     )
     .await;
@@ -489,11 +509,19 @@ async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
     // Every request is the same, so each costs what the first reports.
     let first = usages(&ask(stack.chat_body(false)).await);
     assert_eq!(first.len(), 1);
-    let (i, o) = (
-        first[0]["prompt_tokens"].as_f64().unwrap(),
-        first[0]["completion_tokens"].as_f64().unwrap(),
+    let u = &first[0];
+    let (i, c, o) = (
+        u["prompt_tokens"].as_f64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap(),
+        u["completion_tokens"].as_f64().unwrap(),
     );
-    let each = (i + 2.0 * o) / 1e6;
+    assert!(c > 0.0 && c <= i, "{u}");
+    assert_eq!(u["completion_tokens_details"]["reasoning_tokens"], 5, "{u}");
+    // Reasoning tokens are inside completion_tokens and billed as output;
+    // cached prompt tokens are billed at their own price.
+    let each = ((i - c) * 1.0 + c * 0.25 + o * 2.0) / 1e6;
 
     // A stream that asked for usage gets it.
     let mut asked = stack.chat_body(true);

@@ -60,6 +60,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 price_input_per_mtok: 0.0,
                 price_output_per_mtok: 0.0,
                 capacity: 0,
+                price_cached_input_per_mtok: None,
                 over_budget: false,
             }],
             classes: vec![pb::RequestClass {

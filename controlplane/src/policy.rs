@@ -35,6 +35,10 @@ pub enum ApiKind {
 pub struct Price {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
+    /// Prompt tokens read from the provider's prompt cache; the input price
+    /// when absent.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -316,9 +320,11 @@ impl Policy {
                 }
             }
             for (f, v) in [
-                ("price.input_per_mtok", e.price.input_per_mtok),
-                ("price.output_per_mtok", e.price.output_per_mtok),
+                ("price.input_per_mtok", Some(e.price.input_per_mtok)),
+                ("price.output_per_mtok", Some(e.price.output_per_mtok)),
+                ("price.cached_input_per_mtok", e.price.cached_input_per_mtok),
             ] {
+                let Some(v) = v else { continue };
                 if !v.is_finite() || v < 0.0 {
                     return err(at(f), format!("must be a non-negative number, got {v}"));
                 }
@@ -545,13 +551,17 @@ pub fn locate(src: &str, path: &str) -> Option<usize> {
             Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
             None => (seg, None),
         };
-        let key_line = (start..end).find(|&i| {
+        // A key not found (say, inside a flow mapping `price: { ... }`)
+        // leaves the line of its parent.
+        let Some(key_line) = (start..end).find(|&i| {
             let l = lines[i];
             meaningful(l) && indent(l) >= min_indent && {
                 let t = l.trim_start().trim_start_matches("- ");
                 t.starts_with(&format!("{key}:"))
             }
-        })?;
+        }) else {
+            return found;
+        };
         found = Some(key_line + 1);
         let key_indent = indent(lines[key_line]);
         let block_end = (key_line + 1..end)
@@ -639,6 +649,24 @@ classes:
         let bad = GOOD.replace("name: b", "name: a");
         let e = Policy::parse(&bad).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("endpoints[1].name", Some(8)));
+    }
+
+    #[test]
+    fn a_cached_input_price_is_optional_and_checked() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.endpoints[1].price.cached_input_per_mtok, None);
+        let cached = GOOD.replace(
+            "output_per_mtok: 2.0 }",
+            "output_per_mtok: 2.0, cached_input_per_mtok: 0.25 }",
+        );
+        let p = Policy::parse(&cached).unwrap();
+        assert_eq!(p.endpoints[1].price.cached_input_per_mtok, Some(0.25));
+
+        let bad = cached.replace("0.25", "-1");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.field, "endpoints[1].price.cached_input_per_mtok");
+        assert_eq!(e.line, Some(12));
+        assert!(e.message.contains("non-negative"), "{e}");
     }
 
     #[test]

@@ -768,9 +768,7 @@ impl Sidecar {
         .await;
         outcome.latency = attempt_start.elapsed();
         outcome.tokens = scan.finish();
-        outcome.spend_usd = outcome.tokens.map_or(0.0, |t| {
-            t.cost(ep.price_input_per_mtok, ep.price_output_per_mtok)
-        });
+        outcome.spend_usd = outcome.tokens.map_or(0.0, |t| t.cost(&ep.prices));
         self.usage.record(&ep.name, outcome);
         let now = std::time::Instant::now();
         match outcome.error {

@@ -204,6 +204,7 @@ mod tests {
             price_input_per_mtok: 1.0,
             price_output_per_mtok: 1.0,
             capacity: 0,
+            price_cached_input_per_mtok: None,
             over_budget: false,
         };
         let t = pb::RoutingTable {

@@ -15,6 +15,7 @@ use switchyard_proto::v1 as pb;
 use crate::balance::WeightedChoice;
 use crate::health::{EndpointState, Endpoints};
 use crate::retry::{Budgets, RetryBudget};
+use crate::usage::Prices;
 
 /// State that outlives tables: endpoint health and retry budgets, by name.
 #[derive(Debug, Default)]
@@ -67,8 +68,7 @@ pub struct Endpoint {
     pub authority: String,
     /// Path the chat completion request is sent to.
     pub chat_path: String,
-    pub price_input_per_mtok: f64,
-    pub price_output_per_mtok: f64,
+    pub prices: Prices,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
     /// The fleet's spend on it over the last hour reached its budget (the
@@ -236,7 +236,14 @@ impl Table {
             if e.models.is_empty() {
                 return Err(endpoint_err(&e.name, "serves no model"));
             }
-            for p in [e.price_input_per_mtok, e.price_output_per_mtok] {
+            let prices = Prices {
+                input: e.price_input_per_mtok,
+                cached_input: e
+                    .price_cached_input_per_mtok
+                    .unwrap_or(e.price_input_per_mtok),
+                output: e.price_output_per_mtok,
+            };
+            for p in [prices.input, prices.cached_input, prices.output] {
                 if !p.is_finite() || p < 0.0 {
                     return Err(endpoint_err(&e.name, format!("invalid price {p}")));
                 }
@@ -262,8 +269,7 @@ impl Table {
                 peer,
                 authority,
                 chat_path: format!("{prefix}{CHAT_PATH}"),
-                price_input_per_mtok: e.price_input_per_mtok,
-                price_output_per_mtok: e.price_output_per_mtok,
+                prices,
                 capacity: e.capacity,
                 over_budget: e.over_budget,
                 state: live.endpoints.get(&e.name),
@@ -414,6 +420,7 @@ mod tests {
             price_input_per_mtok: 1.0,
             price_output_per_mtok: 2.0,
             capacity: 0,
+            price_cached_input_per_mtok: None,
             over_budget: false,
         }
     }
@@ -534,6 +541,27 @@ mod tests {
         let mut t = table();
         t.endpoints[2].name = "a".into();
         assert!(Table::compile(&t, &addrs(&t), &Live::default()).is_err());
+
+        let mut t = table();
+        t.endpoints[0].price_cached_input_per_mtok = Some(-0.5);
+        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
+        assert!(e.to_string().contains("invalid price -0.5"), "{e}");
+    }
+
+    #[test]
+    fn cached_input_costs_the_input_price_unless_priced_apart() {
+        let mut t = table();
+        t.endpoints[1].price_cached_input_per_mtok = Some(0.25);
+        let c = Table::compile(&t, &addrs(&t), &Live::default()).unwrap();
+        let p = |i: usize| c.endpoints[i].prices;
+        assert_eq!(
+            (p(0).input, p(0).cached_input, p(0).output),
+            (1.0, 1.0, 2.0)
+        );
+        assert_eq!(
+            (p(1).input, p(1).cached_input, p(1).output),
+            (1.0, 0.25, 2.0)
+        );
     }
 
     #[test]

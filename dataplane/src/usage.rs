@@ -48,16 +48,34 @@ impl Outcome {
     }
 }
 
+/// Tokens as the provider's `usage` reports them. `cached_input` is the part
+/// of `input` served from the provider's prompt cache; reasoning tokens are
+/// part of `output` already (OpenAI counts them in `completion_tokens` and
+/// bills them as output), so they are neither added nor priced apart.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub input: u64,
     pub output: u64,
+    pub cached_input: u64,
+}
+
+/// An endpoint's prices, in USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prices {
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
 }
 
 impl Tokens {
-    /// Cost at prices per million tokens.
-    pub fn cost(&self, input_per_mtok: f64, output_per_mtok: f64) -> f64 {
-        (self.input as f64 * input_per_mtok + self.output as f64 * output_per_mtok) / 1e6
+    /// Cost at `p`: cached input at the cached price, the rest of the input
+    /// at the input price, output at the output price.
+    pub fn cost(&self, p: &Prices) -> f64 {
+        let cached = self.cached_input.min(self.input);
+        ((self.input - cached) as f64 * p.input
+            + cached as f64 * p.cached_input
+            + self.output as f64 * p.output)
+            / 1e6
     }
 }
 
@@ -188,6 +206,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 struct UsageJson {
     prompt_tokens: u64,
     completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(serde::Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 impl From<UsageJson> for Tokens {
@@ -195,6 +221,10 @@ impl From<UsageJson> for Tokens {
         Tokens {
             input: u.prompt_tokens,
             output: u.completion_tokens,
+            cached_input: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
         }
     }
 }
@@ -350,7 +380,8 @@ mod tests {
             j.finish(),
             Some(Tokens {
                 input: 12,
-                output: 30
+                output: 30,
+                cached_input: 0
             })
         );
 
@@ -368,7 +399,8 @@ mod tests {
             s.finish(),
             Some(Tokens {
                 input: 5,
-                output: 7
+                output: 7,
+                cached_input: 0
             })
         );
 
@@ -377,16 +409,44 @@ mod tests {
             b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n",
         ));
         assert_eq!(none.finish(), None);
-        assert!(
-            (Tokens {
-                input: 1_000_000,
-                output: 500_000
-            }
-            .cost(1.0, 4.0)
-                - 3.0)
-                .abs()
-                < 1e-9
+
+        // OpenAI's details: cached prompt tokens are read; reasoning tokens
+        // are already inside completion_tokens.
+        let mut d = UsageScan::new(false);
+        d.pass(Bytes::from_static(
+            br#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150,"prompt_tokens_details":{"cached_tokens":80,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":40}}}"#,
+        ));
+        assert_eq!(
+            d.finish(),
+            Some(Tokens {
+                input: 100,
+                output: 50,
+                cached_input: 80
+            })
         );
+    }
+
+    #[test]
+    fn cached_input_is_priced_apart_and_never_more_than_the_input() {
+        let p = Prices {
+            input: 1.0,
+            cached_input: 0.25,
+            output: 4.0,
+        };
+        let cost = |input, cached_input, output| {
+            Tokens {
+                input,
+                output,
+                cached_input,
+            }
+            .cost(&p)
+        };
+        assert!((cost(1_000_000, 0, 500_000) - 3.0).abs() < 1e-9);
+        // 200k uncached at 1, 800k cached at 0.25, 500k out at 4.
+        assert!((cost(1_000_000, 800_000, 500_000) - 2.4).abs() < 1e-9);
+        // A provider reporting more cached than prompt tokens is not
+        // believed past the prompt.
+        assert!((cost(1_000_000, 2_000_000, 0) - 0.25).abs() < 1e-9);
     }
 
     #[test]
@@ -412,7 +472,8 @@ mod tests {
                 s.finish(),
                 Some(Tokens {
                     input: 3,
-                    output: 4
+                    output: 4,
+                    cached_input: 0
                 })
             );
         }
@@ -442,6 +503,7 @@ mod tests {
                     tokens: Some(Tokens {
                         input: 10,
                         output: 20,
+                        cached_input: 0,
                     }),
                     spend_usd: 0.5,
                 },

@@ -23,6 +23,13 @@ pub struct Behaviour {
     pub hang_ratio: f64,
     /// Share of streamed requests whose connection is dropped half way.
     pub drop_mid_stream_ratio: f64,
+    /// Prompt tokens reported as served from the provider's prompt cache
+    /// (`prompt_tokens_details.cached_tokens`, at most the prompt).
+    pub cached_tokens: u32,
+    /// Hidden reasoning tokens, reported in
+    /// `completion_tokens_details.reasoning_tokens` and, as OpenAI does,
+    /// included in `completion_tokens`.
+    pub reasoning_tokens: u32,
 }
 
 impl Default for Behaviour {
@@ -36,6 +43,8 @@ impl Default for Behaviour {
             retry_after_s: 1,
             hang_ratio: 0.0,
             drop_mid_stream_ratio: 0.0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
         }
     }
 }

@@ -234,10 +234,13 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     };
     let tokens = answer_tokens(&s.config.name, out);
     let prompt_tokens = prompt_tokens(&req.messages);
+    let completion_tokens = out + b.reasoning_tokens;
     let usage = json!({
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": out,
-        "total_tokens": prompt_tokens + out,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": b.cached_tokens.min(prompt_tokens) },
+        "completion_tokens_details": { "reasoning_tokens": b.reasoning_tokens },
     });
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
