@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
@@ -74,6 +75,48 @@ async fn within(
             "the app did not read the answer before the deadline",
         ))),
     }
+}
+
+/// Most upstream chunks joined into one write to the app.
+const COALESCE_MAX_CHUNKS: usize = 64;
+const COALESCE_MAX_BYTES: usize = 64 * 1024;
+
+/// Appends to `out` every body chunk the upstream has already delivered,
+/// without waiting for any. Tokens a provider sends back to back arrive in
+/// one read and are parsed out one chunk at a time; writing them to the app
+/// one by one would cost a write and a flush each. What is not yet readable
+/// is left for the next (waiting) read, so nothing is held back. Returns the
+/// joined bytes and, when the last read ended the body or failed, its result.
+fn coalesce(
+    up: &mut HttpSession,
+    scan: &mut UsageScan,
+    out: Bytes,
+) -> (Bytes, Option<Result<Option<Bytes>>>) {
+    use futures::FutureExt;
+    let mut joined: Option<BytesMut> = None;
+    for _ in 0..COALESCE_MAX_CHUNKS {
+        if joined.as_ref().map_or(out.len(), BytesMut::len) >= COALESCE_MAX_BYTES {
+            break;
+        }
+        // pingora's body reader keeps its parse state across a dropped
+        // read (a pending read has consumed nothing), so polling once and
+        // giving up is safe.
+        match up.read_response_body().now_or_never() {
+            None => break,
+            Some(Ok(Some(chunk))) => {
+                let more = scan.pass(chunk);
+                if !more.is_empty() {
+                    joined
+                        .get_or_insert_with(|| BytesMut::from(&out[..]))
+                        .extend_from_slice(&more);
+                }
+            }
+            Some(end_or_error) => {
+                return (joined.map_or(out, BytesMut::freeze), Some(end_or_error));
+            }
+        }
+    }
+    (joined.map_or(out, BytesMut::freeze), None)
 }
 
 async fn write_body(
@@ -705,10 +748,15 @@ impl Sidecar {
                 session.write_response_header(Box::new(resp), false),
             )
             .await?;
+            // A read that was already done when coalescing stopped: it is
+            // taken before reading again.
+            let mut held = None;
             if let Some(chunk) = first {
                 let mut out = scan.pass(chunk);
                 if done {
                     out = [out, scan.rest()].concat().into();
+                } else {
+                    (out, held) = coalesce(&mut up, &mut scan, out);
                 }
                 if done || !out.is_empty() {
                     write_body(session, Some(out), done, deadline).await?;
@@ -716,12 +764,17 @@ impl Sidecar {
             }
             while !done {
                 let wait = (Instant::now() + inter_token).min(deadline);
-                let next = tokio::time::timeout_at(wait, up.read_response_body()).await;
+                let next = match held.take() {
+                    Some(read) => Ok(read),
+                    None => tokio::time::timeout_at(wait, up.read_response_body()).await,
+                };
                 let reason = match next {
                     Ok(Ok(Some(chunk))) => {
+                        let out = scan.pass(chunk);
+                        let (out, after) = coalesce(&mut up, &mut scan, out);
+                        held = after;
                         // Never an empty write: in chunked framing that
                         // would end the body.
-                        let out = scan.pass(chunk);
                         if !out.is_empty() {
                             write_body(session, Some(out), false, deadline).await?;
                         }
