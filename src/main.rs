@@ -147,6 +147,10 @@ struct MockArgs {
     /// Reasoning tokens added to (and counted in) each answer's completion tokens.
     #[arg(long, default_value_t = 0)]
     reasoning_tokens: u32,
+    /// Refuse chat completions that do not carry `Authorization: Bearer KEY`
+    /// (401), as a hosted provider does.
+    #[arg(long)]
+    api_key: Option<String>,
     /// Requests served at once; more queue (and show in
     /// vllm:num_requests_waiting on /metrics). Unlimited when absent.
     #[arg(long)]
@@ -296,6 +300,7 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         models: a.models,
         behaviour,
         capacity: a.capacity,
+        api_key: a.api_key,
     };
     switchyard_mock::serve(listener, config, shutdown_signal()).await?;
     Ok(())

@@ -551,3 +551,110 @@ async fn telemetry_carries_tokens_and_spend_to_the_control_plane() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_key_comes_from_the_sidecars_environment_never_from_the_app() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let key = format!("sk-test-{}-{nanos}", std::process::id());
+    let key_file =
+        std::env::temp_dir().join(format!("switchyard-key-{}-{nanos}", std::process::id()));
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let reference = format!("credential: file:{}", key_file.display());
+    let stack = Stack::start_with(
+        "credential",
+        &[("keyed", "onprem", &["--api-key", key.as_str()])],
+        |m| {
+            let text = common::policy_text(m, &[]);
+            let keyed = text.replace(
+                "    tier: onprem\n",
+                &format!("    tier: onprem\n    {reference}\n"),
+            );
+            assert_ne!(keyed, text, "the credential is in the policy");
+            keyed
+        },
+        &[],
+    )
+    .await;
+    let mock = &stack.mocks[0];
+
+    // The app's own key is dropped; the provider gets the sidecar's.
+    for stream in [false, true, false] {
+        let r = stack
+            .http
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth("app-own-token")
+            .json(&stack.chat_body(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-switchyard-endpoint"], "keyed");
+        r.text().await.unwrap();
+    }
+    let stats = mock.stats(&stack.http).await;
+    assert_eq!(
+        (stats["requests"].as_u64(), stats["unauthorized"].as_u64()),
+        (Some(3), Some(0)),
+        "{stats}"
+    );
+    // The mock does check: without the key it refuses.
+    let direct = stack
+        .http
+        .post(format!("http://{}/v1/chat/completions", mock.addr))
+        .bearer_auth("app-own-token")
+        .json(&stack.chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 401);
+    assert_eq!(mock.stats(&stack.http).await["unauthorized"], 1);
+
+    // A reference this sidecar cannot resolve is NACKed, named, and the
+    // table in force (with its key) stays.
+    let unset = "env:SWITCHYARD_TEST_KEY_THAT_IS_NOT_SET";
+    let text = std::fs::read_to_string(&stack.policy).unwrap();
+    let edited = text.replace(&format!("file:{}", key_file.display()), unset);
+    assert_ne!(edited, text);
+    cluster::write_atomic(&stack.policy, &edited).unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let s = stack.status().await.expect("status");
+        if let Some(r) = s
+            .sidecars
+            .iter()
+            .map(|c| &c.nack_reason)
+            .find(|r| !r.is_empty())
+        {
+            break r.clone();
+        }
+        assert!(tokio::time::Instant::now() < end, "no NACK: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(reason.contains(unset), "{reason}");
+    let (status, endpoint, _) = stack.chat(false).await;
+    assert_eq!((status, endpoint.as_str()), (200, "keyed"));
+    assert_eq!(mock.stats(&stack.http).await["unauthorized"], 1);
+
+    // The key is in no log and no metric.
+    let metrics = stack
+        .http
+        .get(stack.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (what, text) in [
+        ("sidecar log", stack.sidecar.log_text()),
+        ("control plane log", stack.control.log_text()),
+        ("sidecar metrics", metrics),
+    ] {
+        assert!(!text.is_empty(), "{what} is empty");
+        assert!(!text.contains(&key), "the key leaked into the {what}");
+    }
+    let _ = std::fs::remove_file(&key_file);
+}

@@ -61,6 +61,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 price_output_per_mtok: 0.0,
                 capacity: 0,
                 price_cached_input_per_mtok: None,
+                credential: String::new(),
                 over_budget: false,
             }],
             classes: vec![pb::RequestClass {

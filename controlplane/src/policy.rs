@@ -67,6 +67,10 @@ pub struct Endpoint {
     /// nothing within budget can, and classes degrade (see `degrade`).
     #[serde(default)]
     pub budget_usd_per_hour: Option<f64>,
+    /// Where each sidecar finds the provider key: `env:NAME` or
+    /// `file:/path`. A reference only; the key never passes through here.
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 fn default_api() -> ApiKind {
@@ -313,6 +317,11 @@ impl Policy {
             }
             if e.provider.as_ref().is_some_and(|p| p.trim().is_empty()) {
                 return err(at("provider"), "must not be empty".into());
+            }
+            if let Some(c) = &e.credential {
+                if let Err(m) = switchyard_proto::credential::CredentialRef::parse(c) {
+                    return err(at("credential"), m);
+                }
             }
             if let Some(m) = &e.metrics_url {
                 if let Err(msg) = check_url(m) {
@@ -649,6 +658,25 @@ classes:
         let bad = GOOD.replace("name: b", "name: a");
         let e = Policy::parse(&bad).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("endpoints[1].name", Some(8)));
+    }
+
+    #[test]
+    fn a_credential_is_a_reference_and_a_pasted_key_is_refused_unechoed() {
+        let with = |c: &str| {
+            GOOD.replace(
+                "    tier: burst\n",
+                &format!("    tier: burst\n    credential: {c}\n"),
+            )
+        };
+        let p = Policy::parse(&with("env:BURST_KEY")).unwrap();
+        assert_eq!(p.endpoints[1].credential.as_deref(), Some("env:BURST_KEY"));
+        assert_eq!(p.endpoints[0].credential, None);
+        let e = Policy::parse(&with("sk-live-abc123")).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[1].credential", Some(11))
+        );
+        assert!(!e.to_string().contains("sk-live-abc123"), "{e}");
     }
 
     #[test]

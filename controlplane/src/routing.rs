@@ -33,6 +33,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             price_input_per_mtok: e.price.input_per_mtok,
             price_output_per_mtok: e.price.output_per_mtok,
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,
+            credential: e.credential.clone().unwrap_or_default(),
             capacity: e.capacity,
             over_budget: decision.over_budget.contains_key(&e.name),
         })

@@ -13,6 +13,7 @@
 pub mod balance;
 pub mod classify;
 pub mod control;
+pub mod credential;
 pub mod forward;
 pub mod health;
 pub mod metrics;

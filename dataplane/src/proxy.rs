@@ -949,6 +949,9 @@ impl<'a> Attempt<'a> {
             req.set_raw_path(ep.chat_path.as_bytes())?;
             req.insert_header("host", &ep.authority)?;
             req.insert_header("content-length", self.body.len())?;
+            if let Some(auth) = &ep.authorization {
+                req.insert_header("authorization", auth.clone())?;
+            }
             Ok::<_, Box<Error>>(req)
         })()
         .map_err(|e| {

@@ -205,6 +205,7 @@ mod tests {
             price_output_per_mtok: 1.0,
             capacity: 0,
             price_cached_input_per_mtok: None,
+            credential: String::new(),
             over_budget: false,
         };
         let t = pb::RoutingTable {

@@ -69,6 +69,9 @@ pub struct Endpoint {
     /// Path the chat completion request is sent to.
     pub chat_path: String,
     pub prices: Prices,
+    /// `Authorization` sent to the provider (see `credential`); sensitive,
+    /// so `Debug` does not show it.
+    pub authorization: Option<http::HeaderValue>,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
     /// The fleet's spend on it over the last hour reached its budget (the
@@ -248,6 +251,8 @@ impl Table {
                     return Err(endpoint_err(&e.name, format!("invalid price {p}")));
                 }
             }
+            let authorization = crate::credential::resolve(&e.credential)
+                .map_err(|c| endpoint_err(&e.name, c.to_string()))?;
             let tier = match pb::Tier::try_from(e.tier) {
                 Ok(pb::Tier::Onprem) => "onprem",
                 Ok(pb::Tier::Burst) => "burst",
@@ -270,6 +275,7 @@ impl Table {
                 authority,
                 chat_path: format!("{prefix}{CHAT_PATH}"),
                 prices,
+                authorization,
                 capacity: e.capacity,
                 over_budget: e.over_budget,
                 state: live.endpoints.get(&e.name),
@@ -421,6 +427,7 @@ mod tests {
             price_output_per_mtok: 2.0,
             capacity: 0,
             price_cached_input_per_mtok: None,
+            credential: String::new(),
             over_budget: false,
         }
     }

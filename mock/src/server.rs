@@ -36,6 +36,9 @@ pub struct MockConfig {
     /// `vllm:num_requests_waiting`), so latency grows under overload as on a
     /// real GPU server. `None`: no limit.
     pub capacity: Option<u32>,
+    /// When set, chat completions without `Authorization: Bearer <key>`
+    /// get a 401, as a hosted provider answers a wrong key.
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,8 @@ struct Shared {
     waiting: AtomicU64,
     slots: Option<Arc<tokio::sync::Semaphore>>,
     faults: Mutex<HashMap<&'static str, u64>>,
+    /// Chat completions refused for a missing or wrong key.
+    unauthorized: AtomicU64,
     completions: Mutex<Kept>,
 }
 
@@ -95,6 +100,7 @@ pub async fn serve(
         completed: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         faults: Mutex::new(HashMap::new()),
+        unauthorized: AtomicU64::new(0),
         completions: Mutex::new(Kept::default()),
     });
     let app = Router::new()
@@ -167,7 +173,24 @@ async fn slot(s: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
     sem.acquire_owned().await.ok()
 }
 
-async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat(
+    State(s): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(key) = &s.config.api_key {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if sent != Some(key.as_str()) {
+            s.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let body = json!({"error": {
+                "message": "Incorrect API key provided.",
+                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+        }
+    }
     s.requests.fetch_add(1, Ordering::Relaxed);
     s.in_flight.fetch_add(1, Ordering::Relaxed);
     let guard = InFlight(s.clone());
@@ -414,6 +437,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "waiting": s.waiting.load(Ordering::Relaxed),
         "capacity": s.config.capacity,
         "faults": faults,
+        "unauthorized": s.unauthorized.load(Ordering::Relaxed),
     }))
 }
 

@@ -1,0 +1,107 @@
+//! Provider keys. A table names where each endpoint's key lives
+//! (`env:NAME`, `file:/path`), never the key; the sidecar resolves the
+//! reference in its own environment when it compiles a table, and keeps the
+//! key only as a sensitive header value, which neither `Debug` nor any error
+//! here ever prints.
+
+use http::HeaderValue;
+use switchyard_proto::credential::CredentialRef;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialError {
+    #[error("credential {reference:?}: {reason}")]
+    Invalid { reference: String, reason: String },
+    #[error("credential env:{0} is not set in the sidecar's environment")]
+    EnvMissing(String),
+    #[error("credential file:{path} cannot be read: {reason}")]
+    File { path: String, reason: String },
+    #[error("credential {0:?} is empty")]
+    Empty(String),
+    #[error("credential {0:?} holds characters a header cannot carry")]
+    NotAHeader(String),
+}
+
+/// The `Authorization` value for `reference`; `None` when the endpoint has
+/// no credential (an empty reference).
+pub fn resolve(reference: &str) -> Result<Option<HeaderValue>, CredentialError> {
+    if reference.is_empty() {
+        return Ok(None);
+    }
+    // A string that does not parse may be a key pasted in the wrong place:
+    // the error names its length, not its text.
+    let parsed = CredentialRef::parse(reference).map_err(|reason| CredentialError::Invalid {
+        reference: format!("<{} characters>", reference.len()),
+        reason,
+    })?;
+    let key = match parsed {
+        CredentialRef::Env(name) => {
+            std::env::var(name).map_err(|_| CredentialError::EnvMissing(name.to_string()))?
+        }
+        CredentialRef::File(path) => {
+            std::fs::read_to_string(path).map_err(|e| CredentialError::File {
+                path: path.to_string(),
+                reason: e.kind().to_string(),
+            })?
+        }
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(CredentialError::Empty(reference.to_string()));
+    }
+    let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|_| CredentialError::NotAHeader(reference.to_string()))?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret_file(name: &str, text: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("switchyard-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_file_reference_becomes_a_sensitive_bearer_header() {
+        let path = secret_file("ok", "sk-test-123\n");
+        let v = resolve(&format!("file:{path}")).unwrap().unwrap();
+        assert_eq!(v.to_str().unwrap(), "Bearer sk-test-123");
+        assert!(v.is_sensitive());
+        assert!(!format!("{v:?}").contains("sk-test-123"));
+        assert_eq!(resolve("").unwrap(), None);
+    }
+
+    #[test]
+    fn an_environment_reference_reads_the_variable() {
+        // PATH is set wherever tests run; setting a variable here would race
+        // with other tests.
+        let path = std::env::var("PATH").unwrap();
+        let v = resolve("env:PATH").unwrap().unwrap();
+        assert_eq!(v.to_str().unwrap(), format!("Bearer {}", path.trim()));
+    }
+
+    #[test]
+    fn what_cannot_be_resolved_is_named_by_reference_only() {
+        assert_eq!(
+            resolve("env:SWITCHYARD_SURELY_UNSET_VARIABLE").unwrap_err(),
+            CredentialError::EnvMissing("SWITCHYARD_SURELY_UNSET_VARIABLE".into())
+        );
+        let e = resolve("file:/nonexistent/switchyard/key").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/switchyard/key"), "{e}");
+        let empty = secret_file("empty", " \n");
+        assert!(matches!(
+            resolve(&format!("file:{empty}")),
+            Err(CredentialError::Empty(_))
+        ));
+        let broken = secret_file("broken", "sk-a\nsk-b");
+        let e = resolve(&format!("file:{broken}")).unwrap_err();
+        assert!(!e.to_string().contains("sk-a"), "{e}");
+        let e = resolve("sk-live-pasted").unwrap_err();
+        assert!(!e.to_string().contains("sk-live-pasted"), "{e}");
+    }
+}
