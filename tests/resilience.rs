@@ -323,6 +323,15 @@ async fn a_429_throttles_the_endpoint_for_its_retry_after() {
     // when it came back reached the primary.
     let hits = stack.mocks[0].requests(&stack.http).await;
     assert!((1..=4).contains(&hits), "primary hit {hits} times");
+    // The throttle is visible, with the time it has left.
+    let left = stack
+        .metric("switchyard_endpoint_cooldown_seconds{endpoint=\"onprem-a\",reason=\"throttled\"}")
+        .await;
+    assert!(left > 0.0 && left <= 30.0, "throttle left: {left}");
+    let other = stack
+        .metric("switchyard_endpoint_cooldown_seconds{endpoint=\"burst-b\",reason=\"throttled\"}")
+        .await;
+    assert_eq!(other, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,6 +195,16 @@ impl EndpointState {
         self.lock().outlier.ejected(now)
     }
 
+    /// Time left on the local ejection and on the 429 throttle (zero when
+    /// not in force), so an operator can see why an endpoint gets no
+    /// traffic from this sidecar and for how long.
+    pub fn cooldown(&self, now: Instant) -> (Duration, Duration) {
+        let i = self.lock();
+        let left =
+            |u: Option<Instant>| u.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        (left(i.outlier.ejected_until), left(i.throttled_until))
+    }
+
     pub fn cost(&self) -> f64 {
         let pending = self.in_flight.load(Ordering::Relaxed);
         self.lock().ewma.cost(pending)
@@ -304,6 +314,27 @@ mod tests {
         assert!(
             o.ejected(t) && !o.ejected(t + Duration::from_secs(8)),
             "capped"
+        );
+    }
+
+    #[test]
+    fn cooldowns_show_the_time_left_on_each() {
+        let p = policy();
+        let s = EndpointState::new();
+        let t = Instant::now();
+        assert_eq!(s.cooldown(t), (Duration::ZERO, Duration::ZERO));
+        s.throttle(t + Duration::from_secs(30));
+        s.throttle(t + Duration::from_secs(10)); // a shorter one does not cut it
+        for _ in 0..3 {
+            s.failure(Duration::ZERO, t, &p);
+        }
+        assert_eq!(
+            s.cooldown(t + Duration::from_millis(400)),
+            (Duration::from_millis(600), Duration::from_millis(29_600))
+        );
+        assert_eq!(
+            s.cooldown(t + Duration::from_secs(31)),
+            (Duration::ZERO, Duration::ZERO)
         );
     }
 

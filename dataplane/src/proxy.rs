@@ -215,6 +215,19 @@ impl Sidecar {
                 u8::from(s.ejected(now))
             );
         }
+        out.push_str("# HELP switchyard_endpoint_cooldown_seconds Time left before this sidecar sends the endpoint traffic again.\n");
+        out.push_str("# TYPE switchyard_endpoint_cooldown_seconds gauge\n");
+        for (name, s) in &states {
+            let (ejected, throttled) = s.cooldown(now);
+            for (reason, left) in [("ejected", ejected), ("throttled", throttled)] {
+                let _ = writeln!(
+                    out,
+                    "switchyard_endpoint_cooldown_seconds{{endpoint=\"{}\",reason=\"{reason}\"}} {:.3}",
+                    crate::metrics::escape(name),
+                    left.as_secs_f64()
+                );
+            }
+        }
         out
     }
 
