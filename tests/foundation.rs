@@ -639,19 +639,10 @@ async fn the_provider_key_comes_from_the_sidecars_environment_never_from_the_app
     assert_eq!(mock.stats(&stack.http).await["unauthorized"], 1);
 
     // The key is in no log and no metric.
-    let metrics = stack
-        .http
-        .get(stack.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     for (what, text) in [
         ("sidecar log", stack.sidecar.log_text()),
         ("control plane log", stack.control.log_text()),
-        ("sidecar metrics", metrics),
+        ("sidecar metrics", stack.metrics_text().await),
     ] {
         assert!(!text.is_empty(), "{what} is empty");
         assert!(!text.contains(&key), "the key leaked into the {what}");

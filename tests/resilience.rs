@@ -145,15 +145,7 @@ async fn run(stack: &Arc<Stack>, n: usize, workers: usize) -> Vec<Answer> {
 
 /// Sums every series of a metric whose rendering starts with `prefix`.
 async fn metric_sum(stack: &Stack, prefix: &str) -> f64 {
-    let text = stack
-        .http
-        .get(stack.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.metrics_text().await;
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -191,10 +191,6 @@ impl EndpointState {
         !i.outlier.ejected(now) && i.throttled_until.is_none_or(|u| now >= u)
     }
 
-    pub fn ejected(&self, now: Instant) -> bool {
-        self.lock().outlier.ejected(now)
-    }
-
     /// Time left on the local ejection and on the 429 throttle (zero when
     /// not in force), so an operator can see why an endpoint gets no
     /// traffic from this sidecar and for how long.

@@ -206,19 +206,20 @@ impl Sidecar {
                 s.in_flight.load(Ordering::Relaxed)
             );
         }
+        // One read per endpoint, so the two gauges below agree.
+        let cooldowns: Vec<_> = states.iter().map(|(_, s)| s.cooldown(now)).collect();
         out.push_str("# TYPE switchyard_endpoint_ejected gauge\n");
-        for (name, s) in &states {
+        for ((name, _), (ejected, _)) in states.iter().zip(&cooldowns) {
             let _ = writeln!(
                 out,
                 "switchyard_endpoint_ejected{{endpoint=\"{}\"}} {}",
                 crate::metrics::escape(name),
-                u8::from(s.ejected(now))
+                u8::from(!ejected.is_zero())
             );
         }
         out.push_str("# HELP switchyard_endpoint_cooldown_seconds Time left before this sidecar sends the endpoint traffic again.\n");
         out.push_str("# TYPE switchyard_endpoint_cooldown_seconds gauge\n");
-        for (name, s) in &states {
-            let (ejected, throttled) = s.cooldown(now);
+        for ((name, _), &(ejected, throttled)) in states.iter().zip(&cooldowns) {
             for (reason, left) in [("ejected", ejected), ("throttled", throttled)] {
                 let _ = writeln!(
                     out,

@@ -173,18 +173,22 @@ impl Stack {
         wait_acked_above(self.control_addr, above).await
     }
 
-    /// The sidecar's `/metrics` value for a series (name and labels as
-    /// rendered), 0 when absent.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
+    /// The sidecar's whole `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics text");
+            .expect("metrics text")
+    }
+
+    /// The sidecar's `/metrics` value for a series (name and labels as
+    /// rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().expect("a number"))
