@@ -1,0 +1,354 @@
+//! Token usage as providers report it, and what it costs.
+//!
+//! OpenAI reports `usage` at the end of a JSON answer, and in a stream, when
+//! the request set `stream_options.include_usage`, as one last chunk with
+//! empty `choices`. [`UsageScan`] reads it from an answer as it passes
+//! through; for a stream whose usage chunk the app did not ask for (the
+//! sidecar asked on its behalf), it also takes that chunk out, so the app
+//! sees the stream it asked for.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::sse::{self, EventStream, Verdict};
+
+/// Tokens as the provider's `usage` reports them. `cached_input` is the
+/// part of `input` served from the provider's prompt cache; reasoning
+/// tokens are part of `output` already (OpenAI counts them in
+/// `completion_tokens` and bills them as output), so they are neither added
+/// nor priced apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+}
+
+/// An endpoint's prices, in USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prices {
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
+}
+
+impl Tokens {
+    /// Cost at `p`: cached input at the cached price, the rest of the input
+    /// at the input price, output at the output price. A provider claiming
+    /// more cached tokens than prompt tokens is believed up to the prompt.
+    pub fn cost(&self, p: &Prices) -> f64 {
+        let cached = self.cached_input.min(self.input);
+        ((self.input - cached) as f64 * p.input
+            + cached as f64 * p.cached_input
+            + self.output as f64 * p.output)
+            / 1e6
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageJson {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl From<UsageJson> for Tokens {
+    fn from(u: UsageJson) -> Self {
+        Tokens {
+            input: u.prompt_tokens,
+            output: u.completion_tokens,
+            cached_input: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The `usage` of a whole JSON answer.
+pub fn of_answer(json: &[u8]) -> Option<Tokens> {
+    #[derive(Deserialize)]
+    struct Answer {
+        usage: Option<UsageJson>,
+    }
+    let a: Answer = serde_json::from_slice(json).ok()?;
+    a.usage.map(Tokens::from)
+}
+
+/// The usage one stream chunk (an event's data) carries, and whether it is
+/// the usage-only chunk (no choices). Chunks that cannot mention usage are
+/// not parsed.
+pub fn of_chunk(data: &[u8]) -> Option<(Tokens, bool)> {
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<serde::de::IgnoredAny>,
+        usage: Option<UsageJson>,
+    }
+    memchr::memmem::find(data, b"\"usage\"")?;
+    let c: Chunk = serde_json::from_slice(data).ok()?;
+    let only = c.choices.is_empty();
+    c.usage.map(|u| (u.into(), only))
+}
+
+/// A JSON answer (or one SSE event) larger than this is passed on without
+/// its usage being read.
+pub const MAX_SCANNED: usize = 1 << 20;
+
+/// Reads the usage of an answer as it passes (see the module docs).
+#[derive(Debug)]
+pub struct UsageScan {
+    kind: Kind,
+    found: Option<Tokens>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// A JSON answer: its reads, kept (one without a copy) until the end.
+    Json {
+        first: Option<Bytes>,
+        rest: Option<BytesMut>,
+        overflow: bool,
+    },
+    Sse {
+        events: EventStream,
+        strip: bool,
+    },
+}
+
+impl UsageScan {
+    /// For a JSON answer.
+    pub fn json() -> Self {
+        Self {
+            kind: Kind::Json {
+                first: None,
+                rest: None,
+                overflow: false,
+            },
+            found: None,
+        }
+    }
+
+    /// For an event stream; `strip`: the sidecar asked for the usage chunk,
+    /// the app did not, so it is taken out.
+    pub fn sse(strip: bool) -> Self {
+        Self {
+            kind: Kind::Sse {
+                events: EventStream::new(),
+                strip,
+            },
+            found: None,
+        }
+    }
+
+    /// Takes a read of the answer; returns what to pass on to the app
+    /// (for a stream: whole events only, see [`EventStream`]).
+    pub fn pass(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.kind {
+            Kind::Json {
+                first,
+                rest,
+                overflow,
+            } => {
+                if *overflow {
+                    return chunk;
+                }
+                let held =
+                    first.as_ref().map_or(0, Bytes::len) + rest.as_ref().map_or(0, BytesMut::len);
+                if held + chunk.len() > MAX_SCANNED {
+                    *overflow = true;
+                    *first = None;
+                    *rest = None;
+                } else if let Some(r) = rest {
+                    r.extend_from_slice(&chunk);
+                } else if let Some(f) = first.take() {
+                    let mut r = BytesMut::with_capacity((f.len() + chunk.len()) * 2);
+                    r.extend_from_slice(&f);
+                    r.extend_from_slice(&chunk);
+                    *rest = Some(r);
+                } else {
+                    *first = Some(chunk.clone());
+                }
+                chunk
+            }
+            Kind::Sse { events, strip } => {
+                let strip = *strip;
+                let found = &mut self.found;
+                events.push(chunk, &mut |event| {
+                    let Some(data) = sse::data(event) else {
+                        return Verdict::Pass;
+                    };
+                    match of_chunk(&data) {
+                        Some((t, only)) => {
+                            *found = Some(t);
+                            if strip && only {
+                                Verdict::Drop
+                            } else {
+                                Verdict::Pass
+                            }
+                        }
+                        None => Verdict::Pass,
+                    }
+                })
+            }
+        }
+    }
+
+    /// At the answer's clean end: what is still held (an event that never
+    /// ended), to pass on.
+    pub fn end(&mut self) -> Bytes {
+        match &mut self.kind {
+            Kind::Json { .. } => Bytes::new(),
+            Kind::Sse { events, .. } => events.finish(),
+        }
+    }
+
+    /// At a broken answer: drops what is held, so the app's stream ends on
+    /// an event boundary.
+    pub fn abandon(&mut self) {
+        if let Kind::Sse { events, .. } = &mut self.kind {
+            events.abandon();
+        }
+    }
+
+    /// The usage found, once the answer is over.
+    pub fn finish(self) -> Option<Tokens> {
+        match self.kind {
+            Kind::Json {
+                first,
+                rest,
+                overflow: false,
+            } => match (rest, first) {
+                (Some(r), _) => of_answer(&r),
+                (None, Some(f)) => of_answer(&f),
+                (None, None) => None,
+            },
+            _ => self.found,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(input: u64, output: u64, cached_input: u64) -> Tokens {
+        Tokens {
+            input,
+            output,
+            cached_input,
+        }
+    }
+
+    #[test]
+    fn usage_is_found_in_json_answers_split_across_reads() {
+        let mut j = UsageScan::json();
+        j.pass(Bytes::from_static(
+            br#"{"id":"x","usage":{"prompt_tokens":12,"#,
+        ));
+        j.pass(Bytes::from_static(
+            br#""completion_tokens":30,"total_tokens":42}}"#,
+        ));
+        assert_eq!(j.finish(), Some(t(12, 30, 0)));
+        // OpenAI's details: cached prompt tokens are read; reasoning tokens
+        // are already inside completion_tokens.
+        let mut d = UsageScan::json();
+        d.pass(Bytes::from_static(
+            br#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150,"prompt_tokens_details":{"cached_tokens":80,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":40}}}"#,
+        ));
+        assert_eq!(d.finish(), Some(t(100, 50, 80)));
+        let mut none = UsageScan::json();
+        none.pass(Bytes::from_static(br#"{"id":"x"}"#));
+        assert_eq!(none.finish(), None);
+    }
+
+    #[test]
+    fn a_json_answer_too_large_to_hold_passes_unread() {
+        let mut j = UsageScan::json();
+        let big = Bytes::from(vec![b' '; MAX_SCANNED]);
+        assert_eq!(j.pass(big.clone()).len(), big.len());
+        let tail = Bytes::from_static(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        assert_eq!(j.pass(tail.clone()), tail);
+        assert_eq!(j.finish(), None);
+    }
+
+    #[test]
+    fn usage_is_found_in_stream_events_with_any_line_ending() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let stream = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"hi\"}}}}],\"usage\":null}}{eol}{eol}\
+                 : keep-alive{eol}{eol}\
+                 data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":7}}}}{eol}{eol}\
+                 data: [DONE]{eol}{eol}"
+            );
+            let mut s = UsageScan::sse(false);
+            let out = s.pass(Bytes::from(stream.clone()));
+            assert_eq!(out, stream.as_bytes(), "passed untouched ({eol:?})");
+            assert_eq!(s.finish(), Some(t(5, 7, 0)), "{eol:?}");
+        }
+    }
+
+    #[test]
+    fn a_usage_chunk_the_app_did_not_ask_for_is_taken_out_whole() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let ev = |s: &str| format!("{s}{eol}{eol}");
+            let stream = [
+                ev("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}"),
+                ev(": keep-alive"),
+                ev("data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}"),
+                ev("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}"),
+                ev("data: [DONE]"),
+            ]
+            .concat();
+            let expected: String = stream.replace(
+                &ev("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}"),
+                "",
+            );
+            let bytes = stream.as_bytes();
+            // Every way of cutting the stream into two reads.
+            for at in 0..bytes.len() {
+                let mut s = UsageScan::sse(true);
+                let mut seen = Vec::new();
+                seen.extend_from_slice(&s.pass(Bytes::copy_from_slice(&bytes[..at])));
+                seen.extend_from_slice(&s.pass(Bytes::copy_from_slice(&bytes[at..])));
+                seen.extend_from_slice(&s.end());
+                assert_eq!(
+                    String::from_utf8_lossy(&seen),
+                    expected,
+                    "cut at {at} ({eol:?})"
+                );
+                assert_eq!(s.finish(), Some(t(3, 4, 0)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_chunk_with_data_on_several_lines_is_read() {
+        let mut s = UsageScan::sse(true);
+        let out = s.pass(Bytes::from_static(
+            b"data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n",
+        ));
+        assert_eq!(&out[..], b"data: [DONE]\n\n");
+        assert_eq!(s.finish(), Some(t(2, 9, 0)));
+    }
+
+    #[test]
+    fn cached_input_is_priced_apart_and_never_more_than_the_input() {
+        let p = Prices {
+            input: 1.0,
+            cached_input: 0.25,
+            output: 4.0,
+        };
+        assert!((t(1_000_000, 500_000, 0).cost(&p) - 3.0).abs() < 1e-9);
+        // 200k uncached at 1, 800k cached at 0.25, 500k out at 4.
+        assert!((t(1_000_000, 500_000, 800_000).cost(&p) - 2.4).abs() < 1e-9);
+        assert!((t(1_000_000, 0, 2_000_000).cost(&p) - 0.25).abs() < 1e-9);
+    }
+}
