@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -163,7 +165,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         for w in workers {
             w.abort();
         }
-        let s = seen.lock().expect("demo stats");
+        let s = seen.lock();
         let total: u64 = s.per_endpoint.values().map(|e| e.requests).sum();
         println!(
             "\n{total} requests answered, {} failed{}",
@@ -221,7 +223,7 @@ async fn worker(http: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>, w: u
             Ok::<_, anyhow::Error>((endpoint, version))
         }
         .await;
-        let mut s = seen.lock().expect("demo stats");
+        let mut s = seen.lock();
         match result {
             Ok((endpoint, version)) => {
                 s.version = version;
@@ -248,7 +250,7 @@ fn print_table(
     endpoints: &[(&str, &str, SocketAddr, f64, f64)],
     elapsed: Duration,
 ) {
-    let s = seen.lock().expect("demo stats");
+    let s = seen.lock();
     println!(
         "\n[{:>4.1}s] table version in force: {}   errors: {}",
         elapsed.as_secs_f64(),

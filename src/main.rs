@@ -66,6 +66,10 @@ enum Command {
         /// Largest request body accepted, in bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body_bytes: usize,
+        /// The whole request body must arrive within this many
+        /// milliseconds; a body cut short or trickled gets 408.
+        #[arg(long, default_value_t = 30_000)]
+        body_timeout_ms: u64,
         /// Requests that may wait for a free endpoint before classes are shed.
         #[arg(long, default_value_t = 64)]
         queue_limit: usize,
@@ -172,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             id,
             threads,
             max_body_bytes,
+            body_timeout_ms,
             queue_limit,
             eject_after,
             eject_ms,
@@ -187,6 +192,7 @@ fn main() -> anyhow::Result<()> {
                 sidecar_id,
                 threads,
                 max_body_bytes,
+                body_timeout: Duration::from_millis(body_timeout_ms),
                 queue_limit,
                 outlier: switchyard_dataplane::health::OutlierPolicy {
                     consecutive_failures: eject_after.max(1),

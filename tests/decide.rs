@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use switchyard::cluster::{self, Proc};
@@ -337,7 +339,7 @@ impl Load {
                             }
                             Err(_) => (0, String::new()),
                         };
-                        samples.lock().unwrap().push(Sample {
+                        samples.lock().push(Sample {
                             started,
                             endpoint,
                             status,
@@ -360,7 +362,7 @@ impl Load {
 
     /// Requests started in `[from, to)`: count per endpoint, and all.
     fn counts(&self, from: Instant, to: Instant) -> (BTreeMap<String, usize>, usize) {
-        let samples = self.samples.lock().unwrap();
+        let samples = self.samples.lock();
         let mut by = BTreeMap::new();
         let mut n = 0;
         for s in samples
@@ -376,7 +378,6 @@ impl Load {
     fn failures_since(&self, from: Instant) -> Vec<Sample> {
         self.samples
             .lock()
-            .unwrap()
             .iter()
             .filter(|s| s.started >= from && s.status != 200)
             .cloned()

@@ -170,7 +170,7 @@ async fn a_table_that_cannot_be_applied_is_nacked_and_the_old_one_stays() {
     );
     let r = http
         .post(format!("http://{sidecar}/v1/chat/completions"))
-        .json(&serde_json::json!({"model": common::MODEL, "messages": []}))
+        .json(&serde_json::json!({"model": common::MODEL, "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
         .unwrap();

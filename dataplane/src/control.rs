@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::metrics::Metrics;
 use crate::rtt::RttView;
 use crate::table::{self, Live, Table};
-use crate::usage::Usage;
 
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -74,8 +74,8 @@ pub struct ControlClient {
     pub address: String,
     pub sidecar_id: String,
     pub tables: Arc<ArcSwapOption<Table>>,
-    pub usage: Arc<Usage>,
     pub live: Arc<Live>,
+    pub metrics: Arc<Metrics>,
     pub rtt: Arc<RttView>,
 }
 
@@ -85,10 +85,18 @@ impl ControlClient {
         std::thread::Builder::new()
             .name("switchyard-control".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
+                let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .expect("control runtime");
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        // Without it the sidecar never gets a table: say so
+                        // loudly; /readyz stays 503.
+                        tracing::error!(error = %e, "cannot start the control plane client");
+                        return;
+                    }
+                };
                 let this = Arc::new(self);
                 rt.block_on(async move {
                     let telemetry = tokio::spawn(this.clone().report_loop());
@@ -170,7 +178,7 @@ impl ControlClient {
     async fn apply(&self, update: &pb::TableUpdate) -> Result<(), table::TableError> {
         let t = update.table.as_ref().ok_or(table::TableError::Missing)?;
         let addrs = table::resolve(t).await?;
-        let compiled = Table::compile(t, &addrs, &self.live)?;
+        let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
         self.tables.store(Some(Arc::new(compiled)));
         Ok(())
     }
@@ -196,7 +204,7 @@ impl ControlClient {
         loop {
             tick.tick().await;
             let table = self.tables.load_full();
-            let mut endpoints = self.usage.take_report(&self.live.endpoints);
+            let mut endpoints = crate::usage::take_report(&self.live.endpoints);
             self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),

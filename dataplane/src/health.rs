@@ -10,8 +10,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::usage::Window;
 
 /// When an endpoint is taken out locally, and for how long.
 #[derive(Debug, Clone)]
@@ -164,12 +168,15 @@ struct Inner {
 pub struct EndpointState {
     pub in_flight: AtomicU32,
     inner: Mutex<Inner>,
+    /// What this sidecar saw of it since the last telemetry report.
+    pub usage: Window,
 }
 
 impl EndpointState {
     fn new() -> Self {
         Self {
             in_flight: AtomicU32::new(0),
+            usage: Window::default(),
             inner: Mutex::new(Inner {
                 outlier: Outlier::default(),
                 ewma: PeakEwma::new(Duration::from_secs(10)),
@@ -181,8 +188,13 @@ impl EndpointState {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
+    }
+
+    /// Requests this sidecar has in flight on the endpoint.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Neither ejected nor throttled.
@@ -202,7 +214,7 @@ impl EndpointState {
     }
 
     pub fn cost(&self) -> f64 {
-        let pending = self.in_flight.load(Ordering::Relaxed);
+        let pending = self.in_flight();
         self.lock().ewma.cost(pending)
     }
 
@@ -211,7 +223,9 @@ impl EndpointState {
         i.outlier.success(now, p);
         i.ewma.observe(ttft, now);
         let slot = i.ttft_next;
-        i.ttft_us[slot] = ttft.as_micros().min(u32::MAX as u128) as u32;
+        if let Some(s) = i.ttft_us.get_mut(slot) {
+            *s = ttft.as_micros().min(u32::MAX as u128) as u32;
+        }
         i.ttft_next = (slot + 1) % TTFT_SAMPLES;
         i.ttft_len = (i.ttft_len + 1).min(TTFT_SAMPLES);
     }
@@ -238,12 +252,11 @@ impl EndpointState {
             return None;
         }
         let mut v = i.ttft_us;
-        let s = &mut v[..i.ttft_len];
+        let s = v.get_mut(..i.ttft_len)?;
         s.sort_unstable();
         let idx = ((s.len() as f64) * 0.95).ceil() as usize;
-        Some(Duration::from_micros(u64::from(
-            s[idx.clamp(1, s.len()) - 1],
-        )))
+        let p95 = s.get(idx.clamp(1, s.len()) - 1)?;
+        Some(Duration::from_micros(u64::from(*p95)))
     }
 }
 
@@ -255,7 +268,7 @@ pub struct Endpoints {
 
 impl Endpoints {
     pub fn get(&self, name: &str) -> Arc<EndpointState> {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.map.lock();
         if let Some(s) = m.get(name) {
             return s.clone();
         }
@@ -265,7 +278,7 @@ impl Endpoints {
     }
 
     pub fn all(&self) -> Vec<(String, Arc<EndpointState>)> {
-        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.map.lock();
         m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }

@@ -2,24 +2,27 @@
 //! endpoint per request from a routing table the control plane pushes, and
 //! streams the answer back.
 //!
-//! Modules: `table` (the compiled, immutable routing table), `balance`
-//! (weighted choice), `classify` (reading the request), `forward` (one
-//! upstream attempt), `proxy` (the `ProxyHttp` impl), `control` (the Watch
-//! and telemetry streams), `usage` (what is counted), `reply` (errors in
-//! OpenAI's shape), `rtt` (kernel RTT per endpoint for telemetry and
-//! `/metrics`).
+//! Modules: `proxy` (the `ProxyHttp` impl: dispatch and per-request
+//! state), `request` (the chat completion path, one module per stage:
+//! intake, admit, pick, attempt/hedge, relay, account, errors), `routes`
+//! (the sidecar's own routes), `reply` (whole responses it writes itself),
+//! `table` (the compiled, immutable routing table), `balance` (weighted
+//! P2C), `health` (local ejection, peak-EWMA), `retry` (retry budgets),
+//! `shed` (the load-shedding queue), `control` (the Watch and telemetry
+//! streams), `usage` (telemetry windows), `metrics` (`/metrics`),
+//! `credential` (provider keys), `rtt` (kernel RTT per endpoint).
 #![forbid(unsafe_code)]
 
 pub mod balance;
-pub mod classify;
 pub mod control;
 pub mod credential;
-pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod reply;
+pub mod request;
 pub mod retry;
+pub mod routes;
 pub mod rtt;
 pub mod shed;
 pub mod table;
@@ -42,6 +45,8 @@ pub struct SidecarConfig {
     pub sidecar_id: String,
     pub threads: usize,
     pub max_body_bytes: usize,
+    /// The whole request body must arrive within this.
+    pub body_timeout: std::time::Duration,
     /// Requests that may wait for capacity before lower classes are shed.
     pub queue_limit: usize,
     pub outlier: health::OutlierPolicy,
@@ -56,6 +61,8 @@ pub struct SidecarConfig {
 pub enum SidecarError {
     #[error("starting the control thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("the proxy server: {0}")]
+    Server(Box<pingora::Error>),
     #[error("RTT source: {0}")]
     Rtt(#[from] switchyard_rtt::RttError),
     #[error("cannot listen on {addr}: {source}")]
@@ -79,7 +86,6 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         })?,
     );
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
-    let usage = Arc::new(usage::Usage::default());
     let live = Arc::new(table::Live::default());
     // Before anything listens, so `--rtt-source ebpf` that cannot load
     // fails the start instead of running without what was asked for.
@@ -88,12 +94,17 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         config.rtt_cgroup.as_deref(),
     )?));
     rtt::install(rtt.clone());
+    let metrics = Arc::new(metrics::Metrics::new().with_live_gauges(
+        tables.clone(),
+        live.clone(),
+        rtt.clone(),
+    ));
     control::ControlClient {
         address: config.control.clone(),
         sidecar_id: config.sidecar_id.clone(),
         tables: tables.clone(),
-        usage: usage.clone(),
         live: live.clone(),
+        metrics: metrics.clone(),
         rtt: rtt.clone(),
     }
     .spawn()?;
@@ -112,13 +123,14 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let sidecar = proxy::Sidecar {
         tables,
         live,
-        usage,
-        metrics: Arc::new(metrics::Metrics::default()),
-        admission: shed::Admission::new(config.queue_limit),
+        metrics,
+        queue: shed::Admission::new(config.queue_limit),
         outlier: config.outlier,
         connector,
-        max_body_bytes: config.max_body_bytes,
-        rtt,
+        limits: request::intake::Limits {
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+        },
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, sidecar);
     service.add_tcp(&config.listen);

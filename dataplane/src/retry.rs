@@ -4,8 +4,10 @@
 //! Pure: time is an argument.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 /// Seconds of history the budget looks at.
 const WINDOW_SECS: usize = 10;
@@ -52,7 +54,12 @@ impl RetryBudget {
         if sec > self.head {
             let gap = (sec - self.head).min(WINDOW_SECS as u64);
             for k in 1..=gap {
-                self.buckets[((self.head + k) % WINDOW_SECS as u64) as usize] = (0, 0);
+                if let Some(b) = self
+                    .buckets
+                    .get_mut(((self.head + k) % WINDOW_SECS as u64) as usize)
+                {
+                    *b = (0, 0);
+                }
             }
             self.head = sec;
         }
@@ -62,7 +69,9 @@ impl RetryBudget {
     /// Counts a first attempt.
     pub fn request(&mut self, now: Instant) {
         let i = self.advance(now);
-        self.buckets[i].0 += 1;
+        if let Some(b) = self.buckets.get_mut(i) {
+            b.0 += 1;
+        }
     }
 
     /// Takes one retry from the budget if there is one left.
@@ -76,27 +85,30 @@ impl RetryBudget {
         if (retries as f64) + 1.0 > allowed {
             return false;
         }
-        self.buckets[i].1 += 1;
-        true
+        match self.buckets.get_mut(i) {
+            Some(b) => {
+                b.1 += 1;
+                true
+            }
+            None => false,
+        }
     }
 }
 
 /// Retry budgets by class name; they outlive table swaps.
 #[derive(Debug, Default)]
-pub struct Budgets {
+pub struct RetryBudgets {
     map: Mutex<HashMap<String, Arc<Mutex<RetryBudget>>>>,
 }
 
-impl Budgets {
+impl RetryBudgets {
     pub fn get(&self, class: &str, ratio: f64, min_per_second: u32) -> Arc<Mutex<RetryBudget>> {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.map.lock();
         let b = m
             .entry(class.to_string())
             .or_insert_with(|| Arc::new(Mutex::new(RetryBudget::new(ratio, min_per_second))))
             .clone();
-        b.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .configure(ratio, min_per_second);
+        b.lock().configure(ratio, min_per_second);
         b
     }
 }

@@ -7,7 +7,6 @@
 //! endpoint is matched by its resolved address (`Endpoint::peer`), so every
 //! connection to that address and port counts, whichever request made it.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
@@ -22,6 +21,14 @@ use crate::table::Table;
 /// The sidecar's RTT source and what it derives from it.
 pub struct RttView {
     source: Arc<dyn RttSource>,
+}
+
+impl std::fmt::Debug for RttView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RttView")
+            .field("source", &self.source.source())
+            .finish()
+    }
 }
 
 /// One table endpoint's RTT.
@@ -68,59 +75,20 @@ impl RttView {
             let rtt_us = u32::try_from(e.sample.srtt.as_micros())
                 .unwrap_or(u32::MAX)
                 .max(1);
-            let w = match windows.iter_mut().position(|w| *w.endpoint == *e.endpoint) {
-                Some(i) => &mut windows[i],
-                None => {
-                    windows.push(pb::EndpointWindow {
-                        endpoint: e.endpoint.to_string(),
-                        ..Default::default()
-                    });
-                    windows.last_mut().expect("just pushed")
+            let source = self.source().to_string();
+            match windows.iter_mut().find(|w| *w.endpoint == *e.endpoint) {
+                Some(w) => {
+                    w.rtt_us = rtt_us;
+                    w.rtt_source = source;
                 }
-            };
-            w.rtt_us = rtt_us;
-            w.rtt_source = self.source().to_string();
-        }
-    }
-
-    /// The RTT part of `/metrics`, in Prometheus text format.
-    pub fn metrics(&self, table: Option<&Table>) -> String {
-        let source = self.source();
-        let rtts = table.map(|t| self.endpoints(t)).unwrap_or_default();
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: &dyn Fn(&RttSample) -> f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for e in &rtts {
-                let _ = writeln!(
-                    out,
-                    "{name}{{endpoint=\"{}\",source=\"{source}\"}} {}",
-                    escape(&e.endpoint),
-                    value(&e.sample)
-                );
+                None => windows.push(pb::EndpointWindow {
+                    endpoint: e.endpoint.to_string(),
+                    rtt_us,
+                    rtt_source: source,
+                    ..Default::default()
+                }),
             }
-        };
-        gauge(
-            "switchyard_endpoint_rtt_seconds",
-            "Smoothed kernel TCP round-trip time to the endpoint.",
-            &|s| s.srtt.as_secs_f64(),
-        );
-        gauge(
-            "switchyard_endpoint_min_rtt_seconds",
-            "Windowed minimum kernel TCP round-trip time to the endpoint.",
-            &|s| s.min_rtt.as_secs_f64(),
-        );
-        gauge(
-            "switchyard_endpoint_rtt_age_seconds",
-            "Time since the endpoint's RTT was last updated.",
-            &|s| s.age.as_secs_f64(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP switchyard_rtt_source_info The RTT source in use.\n\
-             # TYPE switchyard_rtt_source_info gauge\n\
-             switchyard_rtt_source_info{{source=\"{source}\"}} 1"
-        );
-        out
+        }
     }
 
     /// Shows the source an upstream connection the forward step just got
@@ -161,13 +129,6 @@ pub fn observe_upstream(session: &HttpSession, peer: &HttpPeer, reused: bool) {
     if let Some(v) = VIEW.get() {
         v.observe(session, peer, reused);
     }
-}
-
-/// A Prometheus label value: backslash, double quote and newline escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -224,16 +185,25 @@ mod tests {
         let addrs = [("near\"one".to_string(), a), ("far".to_string(), b)]
             .into_iter()
             .collect();
-        Table::compile(&t, &addrs, &crate::table::Live::default()).unwrap()
+        Table::compile(
+            &t,
+            &addrs,
+            &crate::table::Live::default(),
+            &crate::metrics::Metrics::new(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn metrics_and_telemetry_carry_the_measured_endpoints_only() {
         let near: SocketAddr = "127.0.0.1:9001".parse().unwrap();
         let far: SocketAddr = "127.0.0.1:9002".parse().unwrap();
-        let t = table(near, far);
-        let view = RttView::new(Arc::new(Fixed(near)));
-        let m = view.metrics(Some(&t));
+        let t = Arc::new(table(near, far));
+        let view = Arc::new(RttView::new(Arc::new(Fixed(near))));
+        let tables = Arc::new(arc_swap::ArcSwapOption::new(Some(t.clone())));
+        let m = crate::metrics::Metrics::new()
+            .with_live_gauges(tables, Default::default(), view.clone())
+            .render(false);
         assert!(
             m.contains("switchyard_endpoint_rtt_seconds{endpoint=\"near\\\"one\",source=\"tcp-info\"} 0.00025\n"),
             "{m}"
@@ -267,10 +237,15 @@ mod tests {
 
     #[test]
     fn without_a_table_there_is_nothing_to_report() {
-        let view = RttView::new(Arc::new(Fixed("127.0.0.1:1".parse().unwrap())));
+        let view = Arc::new(RttView::new(Arc::new(Fixed(
+            "127.0.0.1:1".parse().unwrap(),
+        ))));
         let mut windows = Vec::new();
         view.annotate(&mut windows, None);
         assert!(windows.is_empty());
-        assert!(!view.metrics(None).contains("endpoint="));
+        let m = crate::metrics::Metrics::new()
+            .with_live_gauges(Default::default(), Default::default(), view)
+            .render(false);
+        assert!(!m.contains("rtt_seconds{"), "{m}");
     }
 }

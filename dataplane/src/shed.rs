@@ -6,7 +6,9 @@
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -120,8 +122,8 @@ impl Admission {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock()
     }
 
     /// Waits until one of `candidates` has room, or until `until`. Refused

@@ -8,20 +8,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
+use parking_lot::Mutex;
 use pingora::upstreams::peer::HttpPeer;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use switchyard_proto::v1 as pb;
+use switchyard_wire::usage::Prices;
 
 use crate::balance::WeightedChoice;
 use crate::health::{EndpointState, Endpoints};
-use crate::retry::{Budgets, RetryBudget};
-use crate::usage::Prices;
+use crate::metrics::{ClassCounters, Metrics, PairCounters};
+use crate::retry::{RetryBudget, RetryBudgets};
 
 /// State that outlives tables: endpoint health and retry budgets, by name.
 #[derive(Debug, Default)]
 pub struct Live {
     pub endpoints: Endpoints,
-    pub budgets: Budgets,
+    pub retry_budgets: RetryBudgets,
 }
 
 /// The request path every endpoint serves chat completions on, after its
@@ -61,23 +65,28 @@ fn class_err(class: &str, reason: impl Into<String>) -> TableError {
 
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Its position in the table; tells endpoints apart cheaply.
+    pub id: usize,
     pub name: Arc<str>,
+    /// `x-switchyard-endpoint`, rendered once.
+    pub name_header: HeaderValue,
     pub tier: &'static str,
     pub peer: HttpPeer,
     /// `Host` header value sent upstream.
-    pub authority: String,
+    pub authority: HeaderValue,
     /// Path the chat completion request is sent to.
-    pub chat_path: String,
+    pub chat_path: Bytes,
     pub prices: Prices,
     /// `Authorization` sent to the provider (see `credential`); sensitive,
     /// so `Debug` does not show it.
-    pub authorization: Option<http::HeaderValue>,
+    pub authorization: Option<HeaderValue>,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
-    /// The fleet's spend on it over the last hour reached its budget (the
-    /// control plane judges; see `proxy` for what the sidecar does).
-    pub over_budget: bool,
+    /// The fleet's spend on it over the last hour reached its spend budget
+    /// (the control plane judges; `request::admit` says what follows).
+    pub over_spend_budget: bool,
     pub state: Arc<EndpointState>,
+    pub ejections: Counter,
 }
 
 impl Endpoint {
@@ -86,18 +95,14 @@ impl Endpoint {
         !self.at_capacity() && self.state.available(now)
     }
 
-    /// Usable, and within budget unless the request may go over it.
-    pub fn usable_for(&self, now: std::time::Instant, over_budget_ok: bool) -> bool {
-        (over_budget_ok || !self.over_budget) && self.usable(now)
+    /// Usable, and within its spend budget unless the request may exceed
+    /// it.
+    pub fn usable_for(&self, now: std::time::Instant, may_exceed_spend: bool) -> bool {
+        (may_exceed_spend || !self.over_spend_budget) && self.usable(now)
     }
 
     pub fn at_capacity(&self) -> bool {
-        self.capacity > 0
-            && self
-                .state
-                .in_flight
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= self.capacity
+        self.capacity > 0 && self.state.in_flight() >= self.capacity
     }
 }
 
@@ -124,13 +129,35 @@ impl Degrade {
 pub struct Route {
     /// Weighted first choice; `None` when the class gives no weight to any
     /// endpoint serving the model, in which case the fallback chain leads.
-    pub choice: Option<WeightedChoice>,
+    pub choice: Option<WeightedChoice<Arc<Endpoint>>>,
     /// Endpoints serving the model that the class may use, in failover order.
-    pub fallback: Vec<usize>,
+    pub chain: Vec<Arc<Endpoint>>,
+}
+
+impl Route {
+    /// The endpoints the class prefers: the weighted ones, else the head of
+    /// the chain.
+    pub fn preferred(&self) -> &[Arc<Endpoint>] {
+        match &self.choice {
+            Some(c) => c.endpoints(),
+            None => self.chain.get(..1).unwrap_or_default(),
+        }
+    }
+
+    /// Every endpoint the route may use: the weighted ones, then the chain
+    /// (which repeats them).
+    pub fn candidates(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.choice
+            .iter()
+            .flat_map(|c| c.endpoints())
+            .chain(&self.chain)
+    }
 }
 
 #[derive(Debug)]
 pub struct Class {
+    /// Its position in the table.
+    pub index: usize,
     pub name: Arc<str>,
     pub ttft_timeout: Duration,
     pub inter_token_timeout: Duration,
@@ -138,16 +165,29 @@ pub struct Class {
     pub priority: u32,
     pub hedge: bool,
     pub degrade: Option<Degrade>,
-    pub retry: Arc<std::sync::Mutex<RetryBudget>>,
+    pub retry: Arc<Mutex<RetryBudget>>,
+    pub counters: ClassCounters,
+    /// Counters per endpoint, by endpoint id.
+    pairs: Vec<PairCounters>,
     by_model: HashMap<String, Route>,
+}
+
+impl Class {
+    /// This class's counters for `ep`.
+    pub fn pair(&self, ep: &Endpoint) -> Option<&PairCounters> {
+        self.pairs.get(ep.id)
+    }
 }
 
 #[derive(Debug)]
 pub struct Table {
     pub version: u64,
-    pub endpoints: Vec<Endpoint>,
-    classes: HashMap<String, Class>,
-    default_class: String,
+    /// `x-switchyard-table-version`, rendered once.
+    pub version_header: HeaderValue,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    classes: Vec<Class>,
+    class_index: HashMap<String, usize>,
+    default_class: usize,
     models: BTreeSet<String>,
     /// Highest class priority, for queue shares.
     pub max_priority: u32,
@@ -220,8 +260,9 @@ impl Table {
         t: &pb::RoutingTable,
         addrs: &HashMap<String, SocketAddr>,
         live: &Live,
+        metrics: &Metrics,
     ) -> Result<Table, TableError> {
-        let mut endpoints = Vec::with_capacity(t.endpoints.len());
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::with_capacity(t.endpoints.len());
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut models = BTreeSet::new();
         for e in &t.endpoints {
@@ -268,23 +309,33 @@ impl Table {
             models.extend(e.models.iter().cloned());
             let mut peer = HttpPeer::new(addr, false, String::new());
             peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-            endpoints.push(Endpoint {
-                name: Arc::from(e.name.as_str()),
+            let authority = HeaderValue::try_from(authority)
+                .map_err(|_| endpoint_err(&e.name, "the URL's host cannot be a Host header"))?;
+            let name: Arc<str> = Arc::from(e.name.as_str());
+            let name_header = HeaderValue::try_from(e.name.as_str())
+                .map_err(|_| endpoint_err(&e.name, "the name cannot be a header value"))?;
+            endpoints.push(Arc::new(Endpoint {
+                id: endpoints.len(),
+                name_header,
+                ejections: metrics.ejections(&name),
+                name,
                 tier,
                 peer,
                 authority,
-                chat_path: format!("{prefix}{CHAT_PATH}"),
+                chat_path: Bytes::from(format!("{prefix}{CHAT_PATH}")),
                 prices,
                 authorization,
                 capacity: e.capacity,
-                over_budget: e.over_budget,
+                over_spend_budget: e.over_budget,
                 state: live.endpoints.get(&e.name),
-            });
+            }));
         }
+        let by_index = |i: usize| endpoints.get(i).cloned();
 
-        let mut classes = HashMap::with_capacity(t.classes.len());
+        let mut classes = Vec::with_capacity(t.classes.len());
+        let mut class_index = HashMap::with_capacity(t.classes.len());
         for c in &t.classes {
-            if classes.contains_key(&c.name) {
+            if class_index.insert(c.name.clone(), classes.len()).is_some() {
                 return Err(class_err(&c.name, "is defined twice"));
             }
             let lookup = |name: &str| {
@@ -314,14 +365,26 @@ impl Table {
                     chain.push(*i);
                 }
             }
-            let serves = |i: usize, m: &str| t.endpoints[i].models.iter().any(|x| x == m);
+            let serves = |i: &usize, m: &str| {
+                t.endpoints
+                    .get(*i)
+                    .is_some_and(|e| e.models.iter().any(|x| x == m))
+            };
             let by_model = models
                 .iter()
                 .map(|m| {
-                    let choice =
-                        WeightedChoice::new(weights.iter().copied().filter(|(i, _)| serves(*i, m)));
-                    let fallback = chain.iter().copied().filter(|i| serves(*i, m)).collect();
-                    (m.clone(), Route { choice, fallback })
+                    let choice = WeightedChoice::new(
+                        weights
+                            .iter()
+                            .filter(|(i, _)| serves(i, m))
+                            .filter_map(|(i, w)| Some((by_index(*i)?, *w))),
+                    );
+                    let chain = chain
+                        .iter()
+                        .filter(|i| serves(i, m))
+                        .filter_map(|i| by_index(*i))
+                        .collect();
+                    (m.clone(), Route { choice, chain })
                 })
                 .collect();
             let ms = |v: u32, default: Duration| {
@@ -352,27 +415,28 @@ impl Table {
                     format!("invalid retry ratio {}", c.retry_ratio),
                 ));
             }
-            classes.insert(
-                c.name.clone(),
-                Class {
-                    name: Arc::from(c.name.as_str()),
-                    ttft_timeout: ms(c.ttft_timeout_ms, Duration::from_secs(10)).min(deadline),
-                    inter_token_timeout: ms(c.inter_token_timeout_ms, INTER_TOKEN_TIMEOUT)
-                        .min(deadline),
-                    deadline,
-                    priority: c.priority,
-                    hedge: c.hedge,
-                    degrade,
-                    retry: live
-                        .budgets
-                        .get(&c.name, c.retry_ratio, c.retry_min_per_second),
-                    by_model,
-                },
-            );
+            let name: Arc<str> = Arc::from(c.name.as_str());
+            classes.push(Class {
+                index: classes.len(),
+                counters: metrics.class(&name, degrade.as_ref().map(Degrade::label)),
+                pairs: endpoints.iter().map(|_| PairCounters::default()).collect(),
+                name,
+                ttft_timeout: ms(c.ttft_timeout_ms, Duration::from_secs(10)).min(deadline),
+                inter_token_timeout: ms(c.inter_token_timeout_ms, INTER_TOKEN_TIMEOUT)
+                    .min(deadline),
+                deadline,
+                priority: c.priority,
+                hedge: c.hedge,
+                degrade,
+                retry: live
+                    .retry_budgets
+                    .get(&c.name, c.retry_ratio, c.retry_min_per_second),
+                by_model,
+            });
         }
-        if !classes.contains_key(&t.default_class) {
-            return Err(TableError::DefaultClass(t.default_class.clone()));
-        }
+        let default_class = *class_index
+            .get(&t.default_class)
+            .ok_or_else(|| TableError::DefaultClass(t.default_class.clone()))?;
         let data: Vec<_> = models
             .iter()
             .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "switchyard"}))
@@ -381,9 +445,11 @@ impl Table {
         Ok(Table {
             max_priority: t.classes.iter().map(|c| c.priority).max().unwrap_or(0),
             version: t.version,
+            version_header: HeaderValue::from(t.version),
             endpoints,
             classes,
-            default_class: t.default_class.clone(),
+            class_index,
+            default_class,
             models,
             models_json,
         })
@@ -395,20 +461,27 @@ impl Table {
         class: Option<&'a str>,
         model: &str,
     ) -> Result<(&Class, &Route), RouteError<'a>> {
-        let c = match class {
-            Some(name) => self
-                .classes
+        let i = match class {
+            Some(name) => *self
+                .class_index
                 .get(name)
                 .ok_or(RouteError::UnknownClass(name))?,
-            None => &self.classes[&self.default_class],
+            None => self.default_class,
         };
+        let c = self.classes.get(i).ok_or(RouteError::NoRoute)?;
         if !self.models.contains(model) {
             return Err(RouteError::UnknownModel);
         }
         match c.by_model.get(model) {
-            Some(r) if r.choice.is_some() || !r.fallback.is_empty() => Ok((c, r)),
+            Some(r) if r.choice.is_some() || !r.chain.is_empty() => Ok((c, r)),
             _ => Err(RouteError::NoRoute),
         }
+    }
+
+    /// A class by its position in the table (`Class::index`), as the
+    /// request's state keeps it.
+    pub fn class_at(&self, index: usize) -> Option<&Class> {
+        self.classes.get(index)
     }
 }
 
@@ -487,21 +560,32 @@ mod tests {
             .collect()
     }
 
+    fn compile(t: &pb::RoutingTable) -> Result<Table, TableError> {
+        Table::compile(t, &addrs(t), &Live::default(), &Metrics::new())
+    }
+
+    fn names(eps: &[Arc<Endpoint>]) -> Vec<&str> {
+        eps.iter().map(|e| &*e.name).collect()
+    }
+
     #[test]
     fn routes_by_class_and_model() {
         let t = table();
-        let c = Table::compile(&t, &addrs(&t), &Live::default()).unwrap();
+        let c = compile(&t).unwrap();
         assert_eq!(c.endpoints[0].chat_path, "/prefix/v1/chat/completions");
         assert_eq!(c.endpoints[0].authority, "127.0.0.1:1");
+        assert_eq!(c.version_header, "3");
         let (class, r) = c.route(None, "m1").unwrap();
         assert_eq!(&*class.name, "std");
         assert_eq!(class.ttft_timeout, Duration::from_secs(5));
-        assert_eq!(r.choice.as_ref().unwrap().endpoints(), [0]);
-        assert_eq!(r.fallback, [0, 1]);
+        assert_eq!(names(r.choice.as_ref().unwrap().endpoints()), ["a"]);
+        assert_eq!(names(&r.chain), ["a", "b"]);
+        assert_eq!(names(r.preferred()), ["a"]);
         // m2 is only on b, which has weight 0: the chain leads.
         let (_, r) = c.route(None, "m2").unwrap();
         assert!(r.choice.is_none());
-        assert_eq!(r.fallback, [1]);
+        assert_eq!(names(&r.chain), ["b"]);
+        assert_eq!(names(r.preferred()), ["b"]);
         assert_eq!(
             c.route(Some("onprem-only"), "m2").unwrap_err(),
             RouteError::NoRoute
@@ -514,13 +598,15 @@ mod tests {
         );
         let models: serde_json::Value = serde_json::from_slice(&c.models_json).unwrap();
         assert_eq!(models["data"].as_array().unwrap().len(), 3);
+        // Each endpoint's id is its place in the table.
+        assert!(c.endpoints.iter().enumerate().all(|(i, e)| e.id == i));
     }
 
     #[test]
     fn refuses_what_it_cannot_apply() {
         let mut t = table();
         t.endpoints[1].url = "ht!tp://nope".into();
-        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
+        let e = compile(&t).unwrap_err();
         assert!(
             matches!(&e, TableError::Endpoint { name, .. } if name == "b"),
             "{e}"
@@ -528,30 +614,28 @@ mod tests {
 
         let mut t = table();
         t.classes[0].routes[0].weight = f64::NAN;
-        assert!(matches!(
-            Table::compile(&t, &addrs(&t), &Live::default()),
-            Err(TableError::Class { .. })
-        ));
+        assert!(matches!(compile(&t), Err(TableError::Class { .. })));
 
         let mut t = table();
         t.classes[0].fallback.push("ghost".into());
-        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
+        let e = compile(&t).unwrap_err();
         assert!(e.to_string().contains("ghost"), "{e}");
 
         let mut t = table();
         t.default_class = "none".into();
-        assert!(matches!(
-            Table::compile(&t, &addrs(&t), &Live::default()),
-            Err(TableError::DefaultClass(_))
-        ));
+        assert!(matches!(compile(&t), Err(TableError::DefaultClass(_))));
 
         let mut t = table();
         t.endpoints[2].name = "a".into();
-        assert!(Table::compile(&t, &addrs(&t), &Live::default()).is_err());
+        assert!(compile(&t).is_err());
+
+        let mut t = table();
+        t.classes[1].name = "std".into();
+        assert!(compile(&t).unwrap_err().to_string().contains("twice"));
 
         let mut t = table();
         t.endpoints[0].price_cached_input_per_mtok = Some(-0.5);
-        let e = Table::compile(&t, &addrs(&t), &Live::default()).unwrap_err();
+        let e = compile(&t).unwrap_err();
         assert!(e.to_string().contains("invalid price -0.5"), "{e}");
     }
 
@@ -559,7 +643,7 @@ mod tests {
     fn cached_input_costs_the_input_price_unless_priced_apart() {
         let mut t = table();
         t.endpoints[1].price_cached_input_per_mtok = Some(0.25);
-        let c = Table::compile(&t, &addrs(&t), &Live::default()).unwrap();
+        let c = compile(&t).unwrap();
         let p = |i: usize| c.endpoints[i].prices;
         assert_eq!(
             (p(0).input, p(0).cached_input, p(0).output),

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -205,7 +207,7 @@ async fn chat(
         }
     };
     let permit = slot(&s).await;
-    let b = s.behaviour.read().expect("behaviour lock").clone();
+    let b = s.behaviour.read().clone();
     let fault = b.fault(fastrand::f64(), req.stream);
     if fault != Fault::None {
         let name = match fault {
@@ -215,11 +217,7 @@ async fn chat(
             Fault::DropMidStream => "drop_mid_stream",
             Fault::None => unreachable!(),
         };
-        *s.faults
-            .lock()
-            .expect("faults lock")
-            .entry(name)
-            .or_default() += 1;
+        *s.faults.lock().entry(name).or_default() += 1;
     }
     match fault {
         Fault::Error500 => {
@@ -272,10 +270,7 @@ async fn chat(
     tokio::time::sleep(Duration::from_millis(b.ttft_ms)).await;
     if !req.stream {
         let content: String = tokens.concat();
-        s.completions
-            .lock()
-            .expect("completions lock")
-            .insert(id.clone(), content.clone());
+        s.completions.lock().insert(id.clone(), content.clone());
         s.completed.fetch_add(1, Ordering::Relaxed);
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": req.model,
@@ -330,10 +325,7 @@ async fn chat(
                 return;
             }
         }
-        s.completions
-            .lock()
-            .expect("completions lock")
-            .insert(id.clone(), sent);
+        s.completions.lock().insert(id.clone(), sent);
         s.completed.fetch_add(1, Ordering::Relaxed);
         let _ = tx.send(Ok(chunk(json!({}), json!(finish)))).await;
         if include_usage {
@@ -391,13 +383,12 @@ async fn metrics(State(s): State<Arc<Shared>>) -> String {
 }
 
 async fn get_config(State(s): State<Arc<Shared>>) -> Json<Behaviour> {
-    Json(s.behaviour.read().expect("behaviour lock").clone())
+    Json(s.behaviour.read().clone())
 }
 
 /// Merges a partial JSON object into the current behaviour.
 async fn set_config(State(s): State<Arc<Shared>>, Json(patch): Json<Value>) -> Response {
-    let mut current = serde_json::to_value(&*s.behaviour.read().expect("behaviour lock"))
-        .expect("behaviour serialises");
+    let mut current = serde_json::to_value(&*s.behaviour.read()).expect("behaviour serialises");
     let (Some(obj), Some(p)) = (current.as_object_mut(), patch.as_object()) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -422,12 +413,12 @@ async fn set_config(State(s): State<Arc<Shared>>, Json(patch): Json<Value>) -> R
         return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e);
     }
     tracing::info!(mock = %s.config.name, config = ?next, "behaviour changed");
-    *s.behaviour.write().expect("behaviour lock") = next.clone();
+    *s.behaviour.write() = next.clone();
     Json(next).into_response()
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
-    let faults = s.faults.lock().expect("faults lock").clone();
+    let faults = s.faults.lock().clone();
     Json(json!({
         "name": s.config.name,
         "tier": s.config.tier,
@@ -442,13 +433,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn completion(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let content = s
-        .completions
-        .lock()
-        .expect("completions lock")
-        .by_id
-        .get(&id)
-        .cloned();
+    let content = s.completions.lock().by_id.get(&id).cloned();
     match content {
         Some(c) => Json(json!({"id": id, "content": c})).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such completion"),

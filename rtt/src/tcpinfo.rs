@@ -4,10 +4,10 @@
 //! when it is shown them.
 #![forbid(unsafe_code)]
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::{normalise, sys, RttSample, RttSource};
@@ -56,7 +56,7 @@ impl TcpInfoRtt {
             return Ok(());
         }
         let peer = normalise(peer);
-        let mut peers = self.peers.lock().expect("tcp-info lock");
+        let mut peers = self.peers.lock();
         let reads = peers.get(&peer).map_or(0, |r| r.reads) + 1;
         let min_rtt_us = match (info.min_rtt_us, peers.get(&peer)) {
             // The kernel's own windowed minimum, for this socket.
@@ -79,7 +79,7 @@ impl TcpInfoRtt {
 
     /// Whether a pooled connection to `peer` is due for a read.
     fn due(&self, peer: SocketAddr) -> bool {
-        let peers = self.peers.lock().expect("tcp-info lock");
+        let peers = self.peers.lock();
         peers
             .get(&normalise(peer))
             .is_none_or(|r| r.at.elapsed() >= self.interval)
@@ -88,7 +88,7 @@ impl TcpInfoRtt {
 
 impl RttSource for TcpInfoRtt {
     fn rtt(&self, peer: SocketAddr) -> Option<RttSample> {
-        let peers = self.peers.lock().expect("tcp-info lock");
+        let peers = self.peers.lock();
         peers.get(&normalise(peer)).map(|r| RttSample {
             srtt: Duration::from_micros(r.srtt_us.into()),
             min_rtt: Duration::from_micros(r.min_rtt_us.into()),

@@ -1,0 +1,334 @@
+//! Relaying, the fifth stage: the winning attempt's answer goes to the app
+//! as it arrives. An event stream is passed on in whole events (so the app
+//! never holds half of one, whatever the provider's line endings), chunks
+//! already readable are joined into one write, the usage is read on the
+//! way, and the usage chunk the sidecar asked for is taken out again.
+//!
+//! After the first byte a failure cannot move to another endpoint: a
+//! stream then ends with an SSE error event, any other body is cut before
+//! its declared end, never silently truncated.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::time::fast_timeout::fast_timeout;
+use pingora::{Error, ErrorType};
+use switchyard_wire::usage::{Tokens, UsageScan};
+use tokio::time::Instant;
+
+use super::attempt::{connection_lists, is_hop_header, Opened};
+use super::errors::stream_interrupted;
+use super::Stop;
+use crate::usage::ErrorKind;
+
+/// How an opened answer is relayed.
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    pub deadline: Instant,
+    /// Longest gap between two chunks.
+    pub inter_token: Duration,
+    /// The sidecar asked for the usage chunk; the app must not see it.
+    pub strip_usage: bool,
+}
+
+/// The response headers the sidecar adds.
+pub struct Stamp<'a> {
+    pub endpoint: &'a http::HeaderValue,
+    pub attempts: u8,
+    pub table_version: &'a http::HeaderValue,
+    pub degraded: Option<&'static str>,
+}
+
+/// How the relay ended, for accounting.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed {
+    pub status: u16,
+    pub error: Option<ErrorKind>,
+    pub ttft: Duration,
+    /// From the attempt's start to the answer's end.
+    pub latency: Duration,
+    pub tokens: Option<Tokens>,
+    /// The upstream answer was read to its end, so its connection can be
+    /// reused.
+    pub done: bool,
+}
+
+/// `x-switchyard-attempts` for the usual counts, without formatting.
+fn attempts_value(n: u8) -> http::HeaderValue {
+    const SMALL: [&str; 6] = ["0", "1", "2", "3", "4", "5"];
+    match SMALL.get(usize::from(n)) {
+        Some(s) => http::HeaderValue::from_static(s),
+        None => http::HeaderValue::from(u16::from(n)),
+    }
+}
+
+/// The app's response header: the provider's, minus hop-by-hop headers,
+/// plus the sidecar's own.
+pub fn response_header(up: &ResponseHeader, stamp: &Stamp<'_>) -> pingora::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 4))?;
+    let has_connection = up.headers.contains_key(header::CONNECTION);
+    for (name, value) in up.headers.iter() {
+        let n = name.as_str();
+        if has_connection && connection_lists(&up.headers, n) {
+            continue;
+        }
+        if n == "content-length" || !is_hop_header(n) {
+            resp.append_header(name.clone(), value.clone())?;
+        }
+    }
+    resp.insert_header("x-switchyard-endpoint", stamp.endpoint.clone())?;
+    resp.insert_header("x-switchyard-attempts", attempts_value(stamp.attempts))?;
+    resp.insert_header("x-switchyard-table-version", stamp.table_version.clone())?;
+    if let Some(d) = stamp.degraded {
+        resp.insert_header("x-switchyard-degraded", d)?;
+    }
+    Ok(resp)
+}
+
+/// A write to the app, bounded by the request's deadline: an app that stops
+/// reading must not hold the upstream connection and its capacity forever.
+async fn write(
+    session: &mut Session,
+    data: Option<Bytes>,
+    end: bool,
+    deadline: Instant,
+) -> Result<(), Stop> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match fast_timeout(left, session.write_response_body(data, end)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Stop::Abort(e)),
+        Err(_) => Err(Stop::Abort(Error::explain(
+            ErrorType::WriteTimedout,
+            "the app did not read the answer before the deadline",
+        ))),
+    }
+}
+
+/// Most upstream chunks joined into one write to the app.
+const COALESCE_MAX_CHUNKS: usize = 64;
+const COALESCE_MAX_BYTES: usize = 64 * 1024;
+
+/// Appends to `out` every body chunk the upstream has already delivered,
+/// without waiting for any. Tokens a provider sends back to back arrive in
+/// one read and are parsed out one chunk at a time; writing them to the app
+/// one by one would cost a write and a flush each. What is not yet readable
+/// is left for the next (waiting) read, so nothing is held back. Returns the
+/// joined bytes and, when the last read ended the body or failed, its result.
+fn coalesce(
+    up: &mut HttpSession,
+    scan: &mut UsageScan,
+    out: Bytes,
+) -> (Bytes, Option<pingora::Result<Option<Bytes>>>) {
+    let mut joined: Option<BytesMut> = None;
+    for _ in 0..COALESCE_MAX_CHUNKS {
+        if joined.as_ref().map_or(out.len(), BytesMut::len) >= COALESCE_MAX_BYTES {
+            break;
+        }
+        // pingora's body reader keeps its parse state across a dropped
+        // read (a pending read has consumed nothing), so polling once and
+        // giving up is safe.
+        match up.read_response_body().now_or_never() {
+            None => break,
+            Some(Ok(Some(chunk))) => {
+                let more = scan.pass(chunk);
+                if !more.is_empty() {
+                    joined
+                        .get_or_insert_with(|| BytesMut::from(&out[..]))
+                        .extend_from_slice(&more);
+                }
+            }
+            Some(end_or_error) => {
+                return (joined.map_or(out, BytesMut::freeze), Some(end_or_error));
+            }
+        }
+    }
+    (joined.map_or(out, BytesMut::freeze), None)
+}
+
+/// Streams an opened upstream answer to the app. Returns how the relay
+/// ended for the app (`Err`: its connection must close) and, for
+/// accounting, how the answer ended; the upstream session is handed back
+/// when it can be reused.
+pub async fn relay(
+    session: &mut Session,
+    opened: Opened,
+    stamp: &Stamp<'_>,
+    how: Relay,
+) -> (Result<(), Stop>, Relayed, Option<HttpSession>) {
+    let Opened {
+        session: mut up,
+        header: up_header,
+        first,
+        ttft,
+    } = opened;
+    let attempt_start = Instant::now() - ttft;
+    let sse = up_header
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut scan = if sse {
+        UsageScan::sse(how.strip_usage)
+    } else {
+        UsageScan::json()
+    };
+    let mut done = up.response_done();
+    let mut error = None;
+    let result = async {
+        let mut resp = response_header(&up_header, stamp).map_err(Stop::Abort)?;
+        if done {
+            resp.insert_header(header::CONTENT_LENGTH, first.as_ref().map_or(0, Bytes::len))
+                .map_err(Stop::Abort)?;
+        } else if !resp.headers.contains_key(header::CONTENT_LENGTH) {
+            // Framed, so the app can tell a complete answer from a cut one
+            // and keep its connection.
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")
+                .map_err(Stop::Abort)?;
+        }
+        let left = how.deadline.saturating_duration_since(Instant::now());
+        match fast_timeout(left, session.write_response_header(Box::new(resp), false)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Stop::Abort(e)),
+            Err(_) => {
+                return Err(Stop::Abort(Error::explain(
+                    ErrorType::WriteTimedout,
+                    "the app did not read the answer before the deadline",
+                )))
+            }
+        }
+        // A read that was already done when coalescing stopped: it is
+        // taken before reading again.
+        let mut held = None;
+        if let Some(chunk) = first {
+            let mut out = scan.pass(chunk);
+            if done {
+                let rest = scan.end();
+                if !rest.is_empty() {
+                    out = [out, rest].concat().into();
+                }
+            } else {
+                (out, held) = coalesce(&mut up, &mut scan, out);
+            }
+            if done || !out.is_empty() {
+                write(session, Some(out), done, how.deadline).await?;
+            }
+        }
+        while !done {
+            let now = Instant::now();
+            let to_deadline = how.deadline.saturating_duration_since(now);
+            let wait = how.inter_token.min(to_deadline);
+            let next = match held.take() {
+                Some(read) => Ok(read),
+                None => fast_timeout(wait, up.read_response_body()).await,
+            };
+            let reason = match next {
+                Ok(Ok(Some(chunk))) => {
+                    let out = scan.pass(chunk);
+                    let (out, after) = coalesce(&mut up, &mut scan, out);
+                    held = after;
+                    // Never an empty write: in chunked framing that
+                    // would end the body.
+                    if !out.is_empty() {
+                        write(session, Some(out), false, how.deadline).await?;
+                    }
+                    continue;
+                }
+                Ok(Ok(None)) => {
+                    done = true;
+                    let rest = scan.end();
+                    write(
+                        session,
+                        (!rest.is_empty()).then_some(rest),
+                        true,
+                        how.deadline,
+                    )
+                    .await?;
+                    break;
+                }
+                Ok(Err(e)) => {
+                    error = Some(ErrorKind::Broken);
+                    format!("the provider broke the stream: {e}")
+                }
+                Err(_) => {
+                    error = Some(ErrorKind::Timeout);
+                    if wait < how.inter_token {
+                        "the request deadline passed mid-stream".to_string()
+                    } else {
+                        format!("no data for {} ms mid-stream", how.inter_token.as_millis())
+                    }
+                }
+            };
+            // Never a silent truncation: a stream ends with an error event
+            // after the last whole event; any other body cannot be mended,
+            // so the connection is closed before its declared end.
+            if sse {
+                scan.abandon();
+                let event = stream_interrupted(&reason).sse_event();
+                write(session, Some(event), true, how.deadline).await?;
+                return Ok(());
+            }
+            return Err(Stop::Abort(Error::explain(ErrorType::ReadError, reason)));
+        }
+        Ok(())
+    }
+    .await;
+    let relayed = Relayed {
+        status: up_header.status.as_u16(),
+        error,
+        ttft,
+        latency: attempt_start.elapsed(),
+        tokens: scan.finish(),
+        done,
+    };
+    let reusable = (done && result.is_ok()).then_some(up);
+    (result, relayed, reusable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_apps_header_is_the_providers_minus_hop_headers_plus_the_sidecars() {
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        for (k, v) in [
+            ("content-type", "text/event-stream"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("keep-alive", "timeout=5"),
+            ("x-request-id", "req-1"),
+            ("content-length", "12"),
+        ] {
+            up.append_header(k, v).unwrap();
+        }
+        let ep = http::HeaderValue::from_static("onprem-a");
+        let v = http::HeaderValue::from(42u64);
+        let resp = response_header(
+            &up,
+            &Stamp {
+                endpoint: &ep,
+                attempts: 2,
+                table_version: &v,
+                degraded: Some("cap-max-tokens"),
+            },
+        )
+        .unwrap();
+        let get = |k: &str| resp.headers.get(k).map(|v| v.to_str().unwrap());
+        assert_eq!(get("content-type"), Some("text/event-stream"));
+        assert_eq!(get("content-length"), Some("12"));
+        assert_eq!(get("x-request-id"), Some("req-1"));
+        for gone in ["connection", "x-hop", "transfer-encoding", "keep-alive"] {
+            assert_eq!(get(gone), None, "{gone}");
+        }
+        assert_eq!(get("x-switchyard-endpoint"), Some("onprem-a"));
+        assert_eq!(get("x-switchyard-attempts"), Some("2"));
+        assert_eq!(get("x-switchyard-table-version"), Some("42"));
+        assert_eq!(get("x-switchyard-degraded"), Some("cap-max-tokens"));
+        assert_eq!(attempts_value(9), "9");
+    }
+}
