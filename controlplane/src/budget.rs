@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::Policy;
+use switchyard_policy::Policy;
 
 /// Endpoint → why it is over budget, for every endpoint with a budget
 /// whose spend over the last hour reached it.

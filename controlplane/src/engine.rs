@@ -8,10 +8,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchyard_policy::Policy;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::budget;
-use crate::policy::Policy;
 use crate::publish::{now_ms, LoadError, Published, Publisher};
 use crate::signals::Aggregator;
 use crate::store::Store;

@@ -6,7 +6,6 @@
 pub mod admin;
 pub mod budget;
 pub mod engine;
-pub mod policy;
 pub mod publish;
 pub mod registry;
 pub mod routing;

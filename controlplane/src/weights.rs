@@ -43,8 +43,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use switchyard_policy::{Class, Endpoint, Policy};
 
-use crate::policy::{Class, Endpoint, Policy};
 use crate::signals::Signals;
 
 /// Weights below this are dropped: they would route nothing.

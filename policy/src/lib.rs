@@ -1,10 +1,21 @@
 //! The policy file: endpoints, request classes and tier order, parsed from
 //! YAML and validated with errors that name the field and its line.
+//!
+//! One entry point, [`Policy::parse`], takes any text and returns either a
+//! valid policy or a [`PolicyError`]; it never panics, so a fuzzer can call
+//! it on anything. The crate has no I/O and no gRPC, database or runtime
+//! dependency: the control plane, a standalone sidecar or a fuzz target
+//! can all use it cheaply.
+#![forbid(unsafe_code)]
+
+pub mod credential;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use serde::Deserialize;
+
+pub use credential::CredentialRef;
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -319,7 +330,7 @@ impl Policy {
                 return err(at("provider"), "must not be empty".into());
             }
             if let Some(c) = &e.credential {
-                if let Err(m) = switchyard_proto::credential::CredentialRef::parse(c) {
+                if let Err(m) = CredentialRef::parse(c) {
                     return err(at("credential"), m);
                 }
             }
