@@ -5,9 +5,10 @@
 //! an admin action is computed and pushed at once instead of waiting for the
 //! next tick.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use switchyard_policy::Policy;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -44,12 +45,6 @@ pub struct Engine {
     requests: mpsc::Receiver<oneshot::Sender<u64>>,
 }
 
-pub fn lock(a: &Mutex<Aggregator>) -> std::sync::MutexGuard<'_, Aggregator> {
-    // The aggregator holds counters only; a panic mid-update costs at most
-    // one report's worth of accuracy, so a poisoned lock is used as is.
-    a.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Books the spend reported since the last call into the durable ledger and
 /// says which endpoints are over budget. When the ledger cannot be written
 /// the spend waits in memory for the next call; when it cannot be read, the
@@ -60,10 +55,10 @@ fn budget_guard(
     aggregator: &Mutex<Aggregator>,
     now: u64,
 ) -> Option<std::collections::BTreeMap<String, String>> {
-    let unbooked = lock(aggregator).take_unbooked();
+    let unbooked = aggregator.lock().take_unbooked();
     if let Err(e) = store.book_spend(now, &unbooked) {
         tracing::error!(error = %e, "cannot book spend; it waits for the next computation");
-        lock(aggregator).unbook(unbooked);
+        aggregator.lock().unbook(unbooked);
     }
     match store.spend_last_hour(now) {
         Ok(spent) => Some(budget::over_budget(policy, &spent)),
@@ -104,7 +99,7 @@ impl Engine {
             // The ledger outlives restarts, so a spent budget stays spent.
             switches.over_budget =
                 budget_guard(policy, &store, &aggregator, now).unwrap_or_default();
-            let mut agg = lock(&aggregator);
+            let mut agg = aggregator.lock();
             agg.set_window(u64::from(policy.routing.window_ms));
             weights::decide(policy, &switches, &agg.snapshot(now), &prev)
         })?;
@@ -139,7 +134,7 @@ impl Engine {
                 }
                 _ = reload.tick() => match self.publisher.reload() {
                     Ok(Some(policy)) => {
-                        lock(&self.aggregator).set_window(u64::from(policy.routing.window_ms));
+                        self.aggregator.lock().set_window(u64::from(policy.routing.window_ms));
                         self.policy = policy;
                         let v = self.step();
                         tracing::info!(version = v, "policy reloaded; new table published");
@@ -165,7 +160,7 @@ impl Engine {
     fn step(&mut self) -> u64 {
         let now = now_ms();
         let over_budget = budget_guard(&self.policy, &self.store, &self.aggregator, now);
-        let signals = lock(&self.aggregator).snapshot(now);
+        let signals = self.aggregator.lock().snapshot(now);
         let was = std::mem::take(&mut self.switches.over_budget);
         match self.store.switches(now) {
             Ok(s) => self.switches = s,

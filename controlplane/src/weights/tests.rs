@@ -42,7 +42,7 @@ fn signals(now: u64, eps: &[(&str, EndpointSignals)]) -> Signals {
 /// Ten requests in the last second at `ttft_ms`, `in_flight` now.
 fn traffic(now: u64, ttft_ms: f64, errors: u64, in_flight: f64) -> EndpointSignals {
     EndpointSignals {
-        buckets: vec![Bucket::synthetic(now - 1000, 10, errors, ttft_ms)],
+        buckets: vec![Bucket::synthetic(now - 1000, 10, errors, ttft_ms).unwrap()],
         in_flight,
         ..Default::default()
     }
@@ -526,7 +526,8 @@ fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
                         u64::from(s.requests),
                         u64::from(s.errors),
                         f64::from(s.ttft_ms),
-                    )],
+                    )
+                    .unwrap()],
                     in_flight: f64::from(s.in_flight),
                     rtt_ms: s.rtt_ms.map(f64::from),
                     queue: None,
