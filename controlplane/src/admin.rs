@@ -231,7 +231,7 @@ impl pb::admin_server::Admin for Admin {
                     spend_last_hour_usd: last_hour.get(&e.name).copied().unwrap_or(0.0),
                     budget_usd_per_hour: e.budget_usd_per_hour.unwrap_or(0.0),
                     over_budget: decision
-                        .over_budget
+                        .over_spend_budget
                         .get(&e.name)
                         .cloned()
                         .unwrap_or_default(),

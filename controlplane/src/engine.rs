@@ -12,9 +12,9 @@ use parking_lot::Mutex;
 use switchyard_policy::Policy;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::budget;
 use crate::publish::{now_ms, LoadError, Published, Publisher};
 use crate::signals::Aggregator;
+use crate::spend;
 use crate::store::Store;
 use crate::weights::{self, Decision, Switches};
 
@@ -46,10 +46,10 @@ pub struct Engine {
 }
 
 /// Books the spend reported since the last call into the durable ledger and
-/// says which endpoints are over budget. When the ledger cannot be written
+/// says which endpoints are over their spend budget. When the ledger cannot be written
 /// the spend waits in memory for the next call; when it cannot be read, the
 /// answer is `None` and the caller keeps what it last knew.
-fn budget_guard(
+fn spend_guard(
     policy: &Policy,
     store: &Store,
     aggregator: &Mutex<Aggregator>,
@@ -61,7 +61,7 @@ fn budget_guard(
         aggregator.lock().unbook(unbooked);
     }
     match store.spend_last_hour(now) {
-        Ok(spent) => Some(budget::over_budget(policy, &spent)),
+        Ok(spent) => Some(spend::over_spend_budget(policy, &spent)),
         Err(e) => {
             tracing::error!(error = %e, "cannot read the spend ledger; budget standing unchanged");
             None
@@ -96,9 +96,10 @@ impl Engine {
             Switches::default()
         });
         let (publisher, tables) = Publisher::load(policy_path, last_version, |policy| {
-            // The ledger outlives restarts, so a spent budget stays spent.
-            switches.over_budget =
-                budget_guard(policy, &store, &aggregator, now).unwrap_or_default();
+            // The ledger outlives restarts, so a spend budget once spent stays
+            // spent.
+            switches.over_spend_budget =
+                spend_guard(policy, &store, &aggregator, now).unwrap_or_default();
             let mut agg = aggregator.lock();
             agg.set_window(u64::from(policy.routing.window_ms));
             weights::decide(policy, &switches, &agg.snapshot(now), &prev)
@@ -159,27 +160,27 @@ impl Engine {
     /// Returns the version in force after it.
     fn step(&mut self) -> u64 {
         let now = now_ms();
-        let over_budget = budget_guard(&self.policy, &self.store, &self.aggregator, now);
+        let over_spend_budget = spend_guard(&self.policy, &self.store, &self.aggregator, now);
         let signals = self.aggregator.lock().snapshot(now);
-        let was = std::mem::take(&mut self.switches.over_budget);
+        let was = std::mem::take(&mut self.switches.over_spend_budget);
         match self.store.switches(now) {
             Ok(s) => self.switches = s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the switches; keeping the last ones")
             }
         }
-        let over_budget = over_budget.unwrap_or_else(|| was.clone());
-        for (endpoint, why) in &over_budget {
+        let over_spend_budget = over_spend_budget.unwrap_or_else(|| was.clone());
+        for (endpoint, why) in &over_spend_budget {
             if !was.contains_key(endpoint) {
                 tracing::warn!(%endpoint, reason = %why, "endpoint over budget");
             }
         }
         for endpoint in was.keys() {
-            if !over_budget.contains_key(endpoint) {
+            if !over_spend_budget.contains_key(endpoint) {
                 tracing::info!(%endpoint, "endpoint back within budget");
             }
         }
-        self.switches.over_budget = over_budget;
+        self.switches.over_spend_budget = over_spend_budget;
         let current = self.publisher.current();
         let decision = weights::decide(&self.policy, &self.switches, &signals, &current.decision);
         for (class, standing) in &decision.standing {

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod budget;
 pub mod engine;
 pub mod publish;
 pub mod registry;
@@ -12,6 +11,7 @@ pub mod routing;
 pub mod scrape;
 pub mod services;
 pub mod signals;
+pub mod spend;
 pub mod store;
 pub mod weights;
 

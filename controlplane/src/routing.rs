@@ -35,7 +35,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,
             credential: e.credential.clone().unwrap_or_default(),
             capacity: e.capacity,
-            over_budget: decision.over_budget.contains_key(&e.name),
+            over_budget: decision.over_spend_budget.contains_key(&e.name),
         })
         .collect();
     let classes = policy

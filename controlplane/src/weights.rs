@@ -15,11 +15,11 @@
 //!    judged only on samples taken since, and its weight climbs back by at
 //!    most `max_step` per computation. When every eligible endpoint is
 //!    ejected, all of them carry the class (a degraded route beats none).
-//!    Budgets come before the SLA: an endpoint over budget carries nothing
-//!    while any eligible endpoint within budget exists, ejected or not, and
-//!    goes last in the chain.
+//!    Spend budgets come before the SLA: an endpoint over its spend budget
+//!    carries nothing while any eligible endpoint within its spend budget
+//!    exists, ejected or not, and goes last in the chain.
 //! 3. Fill. Healthy endpoints are taken in tier order, cheapest first;
-//!    each takes traffic up to its burst budget (capacity ×
+//!    each takes traffic up to its usable capacity (capacity ×
 //!    `burst_utilisation`, less when its scraped vLLM queue is deeper than
 //!    `burst_queue_depth`) measured against the demand (requests in flight
 //!    over the class's endpoints); the rest overflows to the next. Endpoints
@@ -64,11 +64,11 @@ pub struct Switches {
     pub killed_providers: BTreeMap<String, String>,
     pub drained: BTreeMap<String, String>,
     pub overrides: Vec<Override>,
-    /// Endpoints whose spend over the last hour reached their budget, with
-    /// the reason. Set by the control plane from its ledger, not by an
-    /// operator: such an endpoint is used only when no endpoint within
-    /// budget can carry the class.
-    pub over_budget: BTreeMap<String, String>,
+    /// Endpoints whose spend over the last hour reached their spend budget,
+    /// with the reason. Set by the control plane from its ledger, not by an
+    /// operator: such an endpoint is used only when no endpoint within its
+    /// spend budget can carry the class.
+    pub over_spend_budget: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,9 +145,10 @@ pub struct Decision {
     pub classes: BTreeMap<String, ClassDecision>,
     /// Class → endpoint → standing.
     pub standing: BTreeMap<String, BTreeMap<String, Standing>>,
-    /// Endpoints over budget, with the reason; the table flags them.
-    #[serde(default)]
-    pub over_budget: BTreeMap<String, String>,
+    /// Endpoints over their spend budget, with the reason; the table flags
+    /// them. Stored under its old key, so a saved decision still loads.
+    #[serde(default, rename = "over_budget")]
+    pub over_spend_budget: BTreeMap<String, String>,
 }
 
 impl Decision {
@@ -155,7 +156,10 @@ impl Decision {
     /// would notice; standing alone changes nothing it routes on.
     pub fn routes_differ(&self, other: &Decision) -> bool {
         if self.classes.len() != other.classes.len()
-            || !self.over_budget.keys().eq(other.over_budget.keys())
+            || !self
+                .over_spend_budget
+                .keys()
+                .eq(other.over_spend_budget.keys())
         {
             return true;
         }
@@ -232,7 +236,7 @@ fn breach(
 
 /// The most traffic an endpoint should carry before its tier overflows, in
 /// concurrent requests; infinite when nothing bounds it.
-fn budget(policy: &Policy, e: &Endpoint, signals: &Signals) -> f64 {
+fn usable_capacity(policy: &Policy, e: &Endpoint, signals: &Signals) -> f64 {
     let mut k = if e.capacity > 0 {
         f64::from(e.capacity) * policy.routing.burst_utilisation
     } else {
@@ -321,7 +325,7 @@ fn target(policy: &Policy, class: &Class, active: &[&Endpoint], signals: &Signal
             cap: if demand <= 0.0 {
                 f64::INFINITY
             } else {
-                budget(policy, e, signals) / demand
+                usable_capacity(policy, e, signals) / demand
             },
             group: 0,
             w: 0.0,
@@ -374,8 +378,8 @@ fn target(policy: &Policy, class: &Class, active: &[&Endpoint], signals: &Signal
         }
     }
     if left > 1e-12 {
-        // Every endpoint is at its budget: spread the excess in proportion
-        // to the budgets, so the load stays as even as the capacities.
+        // Every endpoint is at its usable capacity: spread the excess in
+        // proportion to those capacities, so the load stays as even as they.
         let total: f64 = slots.iter().map(|s| s.cap).filter(|c| c.is_finite()).sum();
         let n = slots.len() as f64;
         for s in &mut slots {
@@ -586,7 +590,7 @@ pub fn decide(
             }
         }
         let is_ejected = |e: &Endpoint| standing.get(&e.name).is_some_and(|s| s.ejected(now));
-        let over = |e: &Endpoint| switches.over_budget.contains_key(&e.name);
+        let over = |e: &Endpoint| switches.over_spend_budget.contains_key(&e.name);
 
         let mut fallback: Vec<&Endpoint> = eligible.clone();
         fallback.sort_by(|a, b| {
@@ -636,8 +640,8 @@ pub fn decide(
                             .to_string(),
                     );
                 }
-                // A budget is firmer than the SLA: within-budget endpoints
-                // that break the SLA still come before over-budget ones.
+                // A spend budget is firmer than the SLA: endpoints within
+                // theirs that break the SLA still come before those over.
                 let within: Vec<&Endpoint> =
                     eligible.iter().copied().filter(|e| !over(e)).collect();
                 let healthy: Vec<&Endpoint> =
@@ -693,8 +697,8 @@ pub fn decide(
         out.classes.insert(class.name.clone(), decision);
         out.standing.insert(class.name.clone(), standing);
     }
-    out.over_budget = switches
-        .over_budget
+    out.over_spend_budget = switches
+        .over_spend_budget
         .iter()
         .filter(|(name, _)| policy.endpoints.iter().any(|e| &e.name == *name))
         .map(|(n, r)| (n.clone(), r.clone()))

@@ -73,9 +73,10 @@ pub struct Endpoint {
     /// (`vllm:num_requests_waiting`) and KV-cache use.
     #[serde(default)]
     pub metrics_url: Option<String>,
-    /// Spend cap over any rolling hour, in USD, summed over every sidecar.
-    /// Past it the endpoint is over budget: it takes traffic only when
-    /// nothing within budget can, and classes degrade (see `degrade`).
+    /// The endpoint's spend budget: a cap over any rolling hour, in USD,
+    /// summed over every sidecar. Past it the endpoint is over its spend
+    /// budget: it takes traffic only when nothing within its spend budget
+    /// can, and classes degrade (see `degrade`).
     #[serde(default)]
     pub budget_usd_per_hour: Option<f64>,
     /// Where each sidecar finds the provider key: `env:NAME` or
@@ -127,15 +128,17 @@ pub struct Class {
     /// Hedge slow first tokens with a second endpoint.
     #[serde(default)]
     pub hedge: bool,
+    /// The class's retry budget: how many retries it may add.
     #[serde(default)]
     pub retry_budget: Option<RetryBudget>,
     /// What to do when none of the class's weighted endpoints is healthy and
-    /// within budget.
+    /// within its spend budget.
     #[serde(default)]
     pub degrade: Option<Degrade>,
 }
 
-/// Retries may add `ratio` of recent requests plus `min_per_second`.
+/// A class's retry budget: retries may add `ratio` of recent requests plus
+/// `min_per_second`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
@@ -758,6 +761,22 @@ classes:
         assert_eq!(e.field, "endpoints[0]");
         assert!(e.message.contains("colour"), "{e}");
         assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn a_spend_budget_must_be_positive() {
+        let e = Policy::parse(
+            "\
+default_class: standard
+endpoints:
+  - { name: a, url: 'http://127.0.0.1:1', tier: onprem, models: [m], price: { input_per_mtok: 1, output_per_mtok: 1 }, budget_usd_per_hour: 0 }
+classes:
+  - { name: standard }
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("endpoints[0].budget_usd_per_hour"), "{e}");
     }
 
     // `Policy::parse` is the fuzzing entry point: whatever the text, it

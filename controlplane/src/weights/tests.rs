@@ -91,7 +91,7 @@ fn demand_past_the_burst_threshold_overflows_to_the_next_tier() {
     assert!((w(&d, "standard", "onprem") - 0.5).abs() < 1e-9, "{d:?}");
     assert!((w(&d, "standard", "burst") - 0.5).abs() < 1e-9);
     assert_eq!(w(&d, "standard", "hosted"), 0.0);
-    // Demand within the budget: all back on-prem, smoothly.
+    // Demand within its usable capacity: all back on-prem, smoothly.
     let s = signals(NOW + 1000, &[("onprem", traffic(NOW + 1000, 50.0, 0, 4.0))]);
     let d2 = decide(&p, &Switches::default(), &s, &d);
     assert!((w(&d2, "standard", "onprem") - 0.6).abs() < 1e-9, "{d2:?}");
@@ -114,7 +114,7 @@ fn a_deep_vllm_queue_counts_as_full() {
     });
     let s = signals(NOW, &[("onprem", onprem)]);
     let d = decide(&p, &Switches::default(), &s, &Decision::default());
-    // Budget: 2 running + 2 tolerated waiting = 4 of 8 in flight.
+    // Usable capacity: 2 running + 2 tolerated waiting = 4 of 8 in flight.
     assert!((w(&d, "standard", "onprem") - 0.5).abs() < 1e-9, "{d:?}");
 }
 
@@ -230,7 +230,8 @@ fn killed_and_drained_endpoints_leave_routes_and_chains_at_once() {
 }
 
 #[test]
-fn an_endpoint_over_budget_carries_nothing_while_another_can_and_goes_last_in_the_chain() {
+fn an_endpoint_over_its_spend_budget_carries_nothing_while_another_can_and_goes_last_in_the_chain()
+{
     let p = three_tiers("");
     let prev = decide(
         &p,
@@ -240,19 +241,22 @@ fn an_endpoint_over_budget_carries_nothing_while_another_can_and_goes_last_in_th
     );
     assert!(w(&prev, "standard", "onprem") > 0.5);
     let mut sw = Switches::default();
-    sw.over_budget.insert("onprem".into(), "spent".into());
+    sw.over_spend_budget.insert("onprem".into(), "spent".into());
     let d = decide(&p, &sw, &signals(NOW, &[]), &prev);
     let c = &d.classes["standard"];
     assert_eq!(w(&d, "standard", "onprem"), 0.0, "leaves at once");
     assert!((sum(c) - 1.0).abs() < 1e-9);
     assert_eq!(c.fallback.last().map(String::as_str), Some("onprem"));
-    assert_eq!(d.over_budget.keys().collect::<Vec<_>>(), ["onprem"]);
-    assert!(d.routes_differ(&prev), "a new budget standing is pushed");
+    assert_eq!(d.over_spend_budget.keys().collect::<Vec<_>>(), ["onprem"]);
+    assert!(
+        d.routes_differ(&prev),
+        "a new spend-budget standing is pushed"
+    );
 
-    // Everything over budget: the class still routes, on all of them, and
+    // Everything over its spend budget: the class still routes, on all of them, and
     // says so; the sidecar applies the class's degradation.
     for e in ["burst", "hosted"] {
-        sw.over_budget.insert(e.into(), "spent".into());
+        sw.over_spend_budget.insert(e.into(), "spent".into());
     }
     let d = decide(&p, &sw, &signals(NOW, &[]), &d);
     let c = &d.classes["standard"];
@@ -594,17 +598,17 @@ fn check_invariants(p: &Policy, sw: &Switches, d: &Decision) -> Result<(), TestC
                 );
             }
         }
-        // An endpoint over budget carries the class only when no eligible
-        // one within budget can (static weights are normalised over the
-        // eligible ones, budgets included).
+        // An endpoint over its spend budget carries the class only when no
+        // eligible one within its spend budget can (static weights are
+        // normalised over the eligible ones, over spend budget or not).
         let within = p.endpoints.iter().any(|e| {
-            class.may_use(e) && sw.off(e).is_none() && !sw.over_budget.contains_key(&e.name)
+            class.may_use(e) && sw.off(e).is_none() && !sw.over_spend_budget.contains_key(&e.name)
         });
         if within {
             for name in c.routes.keys() {
                 prop_assert!(
-                    !sw.over_budget.contains_key(name),
-                    "{} routed to {name}, over budget, with an endpoint within budget",
+                    !sw.over_spend_budget.contains_key(name),
+                    "{} routed to {name}, over its spend budget, with an endpoint within its own",
                     class.name
                 );
             }
@@ -653,7 +657,7 @@ proptest! {
         let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
         let mut sw = switches(eps.len(), killed, drained, providers);
         for i in (0..eps.len()).filter(|i| over & (1 << i) != 0) {
-            sw.over_budget.insert(format!("e{i}"), "test".into());
+            sw.over_spend_budget.insert(format!("e{i}"), "test".into());
         }
         let mut d = Decision::default();
         for i in 0..steps {
