@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::signals::{Bucket, EndpointSignals, Queue};
+use proptest::collection::SizeRange;
 use proptest::prelude::*;
 
 const NOW: u64 = 1_000_000;
@@ -427,10 +428,13 @@ fn ep() -> impl Strategy<Value = Ep> {
         )
 }
 
-fn cl() -> impl Strategy<Value = Cl> {
+/// A class that names only models in `served` (a mask, as in `Ep`), so the
+/// policy never fails validation for a model no endpoint serves.
+fn cl(served: u8) -> impl Strategy<Value = Cl> {
+    let models: Vec<u8> = (1..4u8).filter(|m| m & !served == 0).collect();
     (
         proptest::option::of(1..8u8),
-        proptest::option::of(1..4u8),
+        proptest::option::of(proptest::sample::select(models)),
         any::<bool>(),
     )
         .prop_map(|(tiers, models, interactive)| Cl {
@@ -438,6 +442,22 @@ fn cl() -> impl Strategy<Value = Cl> {
             models,
             interactive,
         })
+}
+
+/// Endpoints, and classes that may use what they serve: always a valid
+/// policy, so no generated case is thrown away untested.
+fn fleet(
+    endpoints: impl Into<SizeRange>,
+    classes: impl Into<SizeRange>,
+) -> impl Strategy<Value = (Vec<Ep>, Vec<Cl>)> {
+    let classes = classes.into();
+    proptest::collection::vec(ep(), endpoints).prop_flat_map(move |eps| {
+        let served = eps.iter().fold(0, |m, e| m | e.models);
+        (
+            Just(eps),
+            proptest::collection::vec(cl(served), classes.clone()),
+        )
+    })
 }
 
 fn sig() -> impl Strategy<Value = Sig> {
@@ -467,9 +487,10 @@ fn models_of(mask: u8) -> Vec<&'static str> {
 }
 
 /// Renders the generated parts as policy YAML, so new optional policy
-/// fields never break these tests. `None` when the parts make no valid
-/// policy (a class naming a model no endpoint serves).
-fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Option<Policy> {
+/// fields never break these tests. The generators only make parts of a
+/// valid policy; parts that make none are a bug in them, and fail the test
+/// rather than pass it untested.
+fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Policy {
     let mut y = String::from("default_class: c0\nendpoints:\n");
     for (i, e) in eps.iter().enumerate() {
         y.push_str(&format!(
@@ -514,7 +535,7 @@ fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Option<Policy> {
         f64::from(exploration) / 100.0,
         max_step * f64::from(hyst) / 100.0,
     ));
-    Policy::parse(&y).ok()
+    Policy::parse(&y).unwrap_or_else(|e| panic!("the generators made an invalid policy: {e}\n{y}"))
 }
 
 fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
@@ -646,15 +667,14 @@ proptest! {
 
     #[test]
     fn weights_sum_to_one_and_never_reach_forbidden_or_switched_off_endpoints(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         sigs in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
         (killed, drained, providers) in (any::<u8>(), any::<u8>(), 0..4u8),
         over in any::<u8>(),
         steps in 1..6usize,
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let mut sw = switches(eps.len(), killed, drained, providers);
         for i in (0..eps.len()).filter(|i| over & (1 << i) != 0) {
             sw.over_spend_budget.insert(format!("e{i}"), "test".into());
@@ -669,13 +689,12 @@ proptest! {
 
     #[test]
     fn each_step_moves_any_weight_by_at_most_max_step(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         before in proptest::collection::vec(sig(), 6),
         after in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let sw = Switches::default();
         let n = eps.len();
         let d1 = decide(&p, &sw, &make_signals(NOW, &quiet(&before[..n])), &Decision::default());
@@ -708,7 +727,7 @@ proptest! {
         ];
         eps.extend(others.iter().cloned());
         let class = Cl { tiers: None, models: None, interactive: false };
-        let Some(p) = render(&eps, &[class], (exploration, 10, 20)) else { return Ok(()) };
+        let p = render(&eps, &[class], (exploration, 10, 20));
         let mut sigs = vec![shared.clone(), shared];
         sigs.extend(other_sigs[..others.len()].iter().cloned());
         let d = decide(&p, &Switches::default(), &make_signals(NOW, &sigs), &Decision::default());
@@ -717,12 +736,11 @@ proptest! {
 
     #[test]
     fn constant_signals_settle_instead_of_oscillating(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         sigs in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let sw = Switches::default();
         let mut d = Decision::default();
         let mut changes = vec![];
@@ -744,7 +762,7 @@ proptest! {
         exploration in 1..10u8,
     ) {
         let class = Cl { tiers: None, models: None, interactive: false };
-        let Some(p) = render(&eps, &[class], (exploration, 10, 20)) else { return Ok(()) };
+        let p = render(&eps, &[class], (exploration, 10, 20));
         let n = eps.len();
         let d = decide(&p, &Switches::default(), &make_signals(NOW, &quiet(&sigs[..n])), &Decision::default());
         let floor = p.routing.exploration.min(EXPLORATION_CAP / n as f64);
