@@ -16,7 +16,7 @@ use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{lock, EngineHandle};
+use crate::engine::EngineHandle;
 use crate::publish::now_ms;
 use crate::services::State;
 use crate::store::{Action, Store, StoreError, Target};
@@ -154,7 +154,7 @@ impl pb::admin_server::Admin for Admin {
         let published = self.state.tables.borrow().clone();
         let now = now_ms();
         let (signals, spend): (_, Vec<f64>) = {
-            let mut agg = lock(&self.state.signals);
+            let mut agg = self.state.signals.lock();
             let s = agg.snapshot(now);
             let spend = published
                 .policy
@@ -231,7 +231,7 @@ impl pb::admin_server::Admin for Admin {
                     spend_last_hour_usd: last_hour.get(&e.name).copied().unwrap_or(0.0),
                     budget_usd_per_hour: e.budget_usd_per_hour.unwrap_or(0.0),
                     over_budget: decision
-                        .over_budget
+                        .over_spend_budget
                         .get(&e.name)
                         .cloned()
                         .unwrap_or_default(),

@@ -5,15 +5,16 @@
 //! an admin action is computed and pushed at once instead of waiting for the
 //! next tick.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+use switchyard_policy::Policy;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::budget;
-use crate::policy::Policy;
 use crate::publish::{now_ms, LoadError, Published, Publisher};
 use crate::signals::Aggregator;
+use crate::spend;
 use crate::store::Store;
 use crate::weights::{self, Decision, Switches};
 
@@ -44,29 +45,23 @@ pub struct Engine {
     requests: mpsc::Receiver<oneshot::Sender<u64>>,
 }
 
-pub fn lock(a: &Mutex<Aggregator>) -> std::sync::MutexGuard<'_, Aggregator> {
-    // The aggregator holds counters only; a panic mid-update costs at most
-    // one report's worth of accuracy, so a poisoned lock is used as is.
-    a.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Books the spend reported since the last call into the durable ledger and
-/// says which endpoints are over budget. When the ledger cannot be written
+/// says which endpoints are over their spend budget. When the ledger cannot be written
 /// the spend waits in memory for the next call; when it cannot be read, the
 /// answer is `None` and the caller keeps what it last knew.
-fn budget_guard(
+fn spend_guard(
     policy: &Policy,
     store: &Store,
     aggregator: &Mutex<Aggregator>,
     now: u64,
 ) -> Option<std::collections::BTreeMap<String, String>> {
-    let unbooked = lock(aggregator).take_unbooked();
+    let unbooked = aggregator.lock().take_unbooked();
     if let Err(e) = store.book_spend(now, &unbooked) {
         tracing::error!(error = %e, "cannot book spend; it waits for the next computation");
-        lock(aggregator).unbook(unbooked);
+        aggregator.lock().unbook(unbooked);
     }
     match store.spend_last_hour(now) {
-        Ok(spent) => Some(budget::over_budget(policy, &spent)),
+        Ok(spent) => Some(spend::over_spend_budget(policy, &spent)),
         Err(e) => {
             tracing::error!(error = %e, "cannot read the spend ledger; budget standing unchanged");
             None
@@ -101,10 +96,11 @@ impl Engine {
             Switches::default()
         });
         let (publisher, tables) = Publisher::load(policy_path, last_version, |policy| {
-            // The ledger outlives restarts, so a spent budget stays spent.
-            switches.over_budget =
-                budget_guard(policy, &store, &aggregator, now).unwrap_or_default();
-            let mut agg = lock(&aggregator);
+            // The ledger outlives restarts, so a spend budget once spent stays
+            // spent.
+            switches.over_spend_budget =
+                spend_guard(policy, &store, &aggregator, now).unwrap_or_default();
+            let mut agg = aggregator.lock();
             agg.set_window(u64::from(policy.routing.window_ms));
             weights::decide(policy, &switches, &agg.snapshot(now), &prev)
         })?;
@@ -139,7 +135,7 @@ impl Engine {
                 }
                 _ = reload.tick() => match self.publisher.reload() {
                     Ok(Some(policy)) => {
-                        lock(&self.aggregator).set_window(u64::from(policy.routing.window_ms));
+                        self.aggregator.lock().set_window(u64::from(policy.routing.window_ms));
                         self.policy = policy;
                         let v = self.step();
                         tracing::info!(version = v, "policy reloaded; new table published");
@@ -164,27 +160,27 @@ impl Engine {
     /// Returns the version in force after it.
     fn step(&mut self) -> u64 {
         let now = now_ms();
-        let over_budget = budget_guard(&self.policy, &self.store, &self.aggregator, now);
-        let signals = lock(&self.aggregator).snapshot(now);
-        let was = std::mem::take(&mut self.switches.over_budget);
+        let over_spend_budget = spend_guard(&self.policy, &self.store, &self.aggregator, now);
+        let signals = self.aggregator.lock().snapshot(now);
+        let was = std::mem::take(&mut self.switches.over_spend_budget);
         match self.store.switches(now) {
             Ok(s) => self.switches = s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the switches; keeping the last ones")
             }
         }
-        let over_budget = over_budget.unwrap_or_else(|| was.clone());
-        for (endpoint, why) in &over_budget {
+        let over_spend_budget = over_spend_budget.unwrap_or_else(|| was.clone());
+        for (endpoint, why) in &over_spend_budget {
             if !was.contains_key(endpoint) {
                 tracing::warn!(%endpoint, reason = %why, "endpoint over budget");
             }
         }
         for endpoint in was.keys() {
-            if !over_budget.contains_key(endpoint) {
+            if !over_spend_budget.contains_key(endpoint) {
                 tracing::info!(%endpoint, "endpoint back within budget");
             }
         }
-        self.switches.over_budget = over_budget;
+        self.switches.over_spend_budget = over_spend_budget;
         let current = self.publisher.current();
         let decision = weights::decide(&self.policy, &self.switches, &signals, &current.decision);
         for (class, standing) in &decision.standing {

@@ -4,23 +4,23 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod budget;
 pub mod engine;
-pub mod policy;
 pub mod publish;
 pub mod registry;
 pub mod routing;
 pub mod scrape;
 pub mod services;
 pub mod signals;
+pub mod spend;
 pub mod store;
 pub mod weights;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use switchyard_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -53,6 +53,8 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("TTFT histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -69,7 +71,7 @@ pub async fn run(
         tracing::warn!("no admin token: the admin API serves status only");
     }
     let interval = config.interval.max(Duration::from_millis(10));
-    let aggregator = Arc::new(Mutex::new(signals::Aggregator::new(10_000)));
+    let aggregator = Arc::new(Mutex::new(signals::Aggregator::new(10_000)?));
     let (engine, handle, tables) = engine::Engine::start(
         &config.policy,
         interval,

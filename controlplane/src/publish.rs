@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use switchyard_policy::{Policy, PolicyError};
 use switchyard_proto::v1 as pb;
 use tokio::sync::watch;
 
-use crate::policy::{Policy, PolicyError};
 use crate::routing;
 use crate::weights::Decision;
 

@@ -2,9 +2,9 @@
 //! its last NACK, whether its stream is up, and when it last reported.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use switchyard_proto::v1 as pb;
 
 #[derive(Debug, Default, Clone)]
@@ -31,18 +31,18 @@ pub struct Registry {
 
 impl Registry {
     pub fn stream_opened(&self, id: &str) {
-        let mut s = self.sidecars.lock().expect("registry lock");
+        let mut s = self.sidecars.lock();
         s.entry(id.to_string()).or_default().streams += 1;
     }
 
     pub fn stream_closed(&self, id: &str) {
-        let mut s = self.sidecars.lock().expect("registry lock");
+        let mut s = self.sidecars.lock();
         let e = s.entry(id.to_string()).or_default();
         e.streams = e.streams.saturating_sub(1);
     }
 
     pub fn ack(&self, id: &str, version: u64) {
-        let mut s = self.sidecars.lock().expect("registry lock");
+        let mut s = self.sidecars.lock();
         let e = s.entry(id.to_string()).or_default();
         e.acked_version = version;
         if e.nacked_version <= version {
@@ -52,7 +52,7 @@ impl Registry {
     }
 
     pub fn nack(&self, id: &str, version: u64, reason: String) {
-        let mut s = self.sidecars.lock().expect("registry lock");
+        let mut s = self.sidecars.lock();
         let e = s.entry(id.to_string()).or_default();
         e.nacked_version = version;
         e.nack_reason = reason;
@@ -61,15 +61,17 @@ impl Registry {
     pub fn report(&self, r: &pb::TelemetryReport) {
         self.sidecars
             .lock()
-            .expect("registry lock")
             .entry(r.sidecar_id.clone())
             .or_default()
             .last_report = Some(Instant::now());
-        let mut eps = self.endpoints.lock().expect("registry lock");
+        let mut eps = self.endpoints.lock();
         for w in &r.endpoints {
             let t = eps.entry(w.endpoint.clone()).or_default();
-            t.requests += w.requests;
-            t.errors += w.errors_connect + w.errors_timeout + w.errors_5xx + w.errors_429;
+            let errors = [w.errors_timeout, w.errors_5xx, w.errors_429]
+                .into_iter()
+                .fold(w.errors_connect, u64::saturating_add);
+            t.requests = t.requests.saturating_add(w.requests);
+            t.errors = t.errors.saturating_add(errors);
         }
     }
 
@@ -77,7 +79,6 @@ impl Registry {
         let now = Instant::now();
         self.sidecars
             .lock()
-            .expect("registry lock")
             .iter()
             .map(|(id, s)| pb::SidecarStatus {
                 sidecar_id: id.clone(),
@@ -96,7 +97,6 @@ impl Registry {
     pub fn endpoint_totals(&self, name: &str) -> (u64, u64) {
         self.endpoints
             .lock()
-            .expect("registry lock")
             .get(name)
             .map_or((0, 0), |t| (t.requests, t.errors))
     }

@@ -7,9 +7,9 @@
 //! class goes out with neither, so the sidecar refuses its requests with a
 //! clear error instead of sending them anywhere.
 
+use switchyard_policy::{Policy, Tier};
 use switchyard_proto::v1 as pb;
 
-use crate::policy::{Policy, Tier};
 use crate::weights::Decision;
 
 fn tier_pb(t: Tier) -> pb::Tier {
@@ -35,7 +35,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,
             credential: e.credential.clone().unwrap_or_default(),
             capacity: e.capacity,
-            over_budget: decision.over_budget.contains_key(&e.name),
+            over_budget: decision.over_spend_budget.contains_key(&e.name),
         })
         .collect();
     let classes = policy
@@ -122,6 +122,43 @@ classes:
             "tier not allowed"
         );
         assert_eq!(off.fallback, ["b1", "b2", "f"]);
+    }
+
+    #[test]
+    fn the_policy_accepts_exactly_the_credential_references_the_sidecar_resolves() {
+        // switchyard-policy keeps its own copy of the syntax (it must not
+        // depend on the gRPC crate); the sidecar resolves with proto's.
+        use switchyard_policy::CredentialRef as Policy;
+        use switchyard_proto::credential::CredentialRef as Proto;
+        let samples = [
+            "env:OPENAI_API_KEY",
+            "env:_X1",
+            "env:",
+            "env:1X",
+            "env:A-B",
+            "env:ÄB",
+            "env: A",
+            "file:/run/secrets/key",
+            "file:/",
+            "file:relative",
+            "file:",
+            "FILE:/x",
+            "sk-live-abc123",
+            "",
+        ];
+        for s in samples {
+            let (p, q) = (Policy::parse(s), Proto::parse(s));
+            assert_eq!(p.is_ok(), q.is_ok(), "{s:?}: {p:?} vs {q:?}");
+            assert_eq!(p.as_ref().err(), q.as_ref().err(), "{s:?}");
+            match (p, q) {
+                (Ok(Policy::Env(a)), Ok(Proto::Env(b)))
+                | (Ok(Policy::File(a)), Ok(Proto::File(b))) => {
+                    assert_eq!(a, b, "{s:?}")
+                }
+                (Err(_), Err(_)) => {}
+                (p, q) => panic!("{s:?}: {p:?} vs {q:?}"),
+            }
+        }
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! knows: requests waiting in its queue, requests running, and KV-cache use.
 //! Endpoints opt in with `metrics_url` in the policy.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::engine::lock;
 use crate::publish::{now_ms, Published};
 use crate::signals::{Aggregator, Queue};
 
@@ -24,13 +24,15 @@ pub fn parse(text: &str) -> Option<Queue> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (name, rest) = match line.find(['{', ' ', '\t']) {
-            Some(i) => (&line[..i], &line[i..]),
-            None => continue,
+        let Some((name, rest)) = line
+            .find(['{', ' ', '\t'])
+            .and_then(|i| line.split_at_checked(i))
+        else {
+            continue;
         };
         // Label values may hold spaces; the value follows the closing brace.
-        let rest = match rest.rfind('}') {
-            Some(i) if rest.starts_with('{') => &rest[i + 1..],
+        let rest = match rest.rsplit_once('}') {
+            Some((_, value)) if rest.starts_with('{') => value,
             _ => rest,
         };
         let Some(value) = rest
@@ -105,7 +107,7 @@ pub async fn run(
         });
         for (name, url, text) in futures::future::join_all(scrapes).await {
             match text.map(|t| parse(&t)) {
-                Ok(Some(q)) => lock(&aggregator).set_queue(&name, q, now_ms()),
+                Ok(Some(q)) => aggregator.lock().set_queue(&name, q, now_ms()),
                 Ok(None) => {
                     tracing::debug!(endpoint = %name, %url, "no vLLM queue gauges on the metrics page")
                 }

@@ -3,16 +3,16 @@
 //! files. The operators' service is in `admin`.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::Stream;
+use parking_lot::Mutex;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::watch_request::Kind;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::lock;
 use crate::publish::{now_ms, Published};
 use crate::registry::Registry;
 use crate::signals::Aggregator;
@@ -103,7 +103,7 @@ impl pb::telemetry_server::Telemetry for Telemetry {
         let mut reports = 0;
         while let Some(r) = inbound.message().await? {
             self.0.registry.report(&r);
-            lock(&self.0.signals).ingest(&r, now_ms());
+            self.0.signals.lock().ingest(&r, now_ms());
             reports += 1;
         }
         Ok(Response::new(pb::ReportSummary { reports }))

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use hdrhistogram::serialization::Deserializer;
-use hdrhistogram::Histogram;
+use hdrhistogram::{CreationError, Histogram};
 use switchyard_proto::v1 as pb;
 
 /// Width of one bucket; sidecars report once a second.
@@ -21,10 +21,12 @@ const GAUGE_TTL_MS: u64 = 3 * BUCKET_MS;
 /// A scrape older than this is not used.
 const SCRAPE_TTL_MS: u64 = 5_000;
 
-/// Microseconds, 1 µs to 10 minutes, 2 significant digits: 1% is finer
-/// than any SLA, and keeps a bucket's histogram at about 23 KiB.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 2).expect("static histogram bounds")
+/// An empty TTFT histogram: microseconds, 1 µs to 10 minutes, 2
+/// significant digits: 1% is finer than any SLA, and keeps a bucket's
+/// histogram at about 23 KiB. Made once per aggregator; each bucket starts
+/// from a clone.
+pub fn ttft_histogram() -> Result<Histogram<u64>, CreationError> {
+    Histogram::new_with_bounds(1, 600_000_000, 2)
 }
 
 /// One second of one endpoint's traffic, summed over sidecars.
@@ -45,13 +47,15 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    pub fn new(start_ms: u64) -> Self {
+    /// An empty bucket whose TTFT histogram is a clone of `empty` (see
+    /// [`ttft_histogram`]).
+    pub fn new(start_ms: u64, empty: &Histogram<u64>) -> Self {
         Self {
             start_ms,
             requests: 0,
             errors: 0,
             timeouts: 0,
-            ttft: histogram(),
+            ttft: empty.clone(),
             tokens_in: 0,
             tokens_out: 0,
             spend_usd: 0.0,
@@ -61,15 +65,20 @@ impl Bucket {
     /// A bucket of `requests` requests, `errors` of them failed, whose
     /// successful ones all took `ttft_ms` to the first token. For tests and
     /// tools that have no sidecar.
-    pub fn synthetic(start_ms: u64, requests: u64, errors: u64, ttft_ms: f64) -> Self {
-        let mut b = Bucket::new(start_ms);
+    pub fn synthetic(
+        start_ms: u64,
+        requests: u64,
+        errors: u64,
+        ttft_ms: f64,
+    ) -> Result<Self, CreationError> {
+        let mut b = Bucket::new(start_ms, &ttft_histogram()?);
         b.requests = requests;
         b.errors = errors.min(requests);
         let ok = requests - b.errors;
         if ok > 0 {
             let _ = b.ttft.record_n(((ttft_ms * 1000.0) as u64).max(1), ok);
         }
-        b
+        Ok(b)
     }
 }
 
@@ -124,11 +133,11 @@ impl EndpointSignals {
         let mut s = Summary::default();
         let mut ttft: Option<Histogram<u64>> = None;
         for b in self.buckets.iter().filter(|b| b.start_ms >= since_ms) {
-            s.requests += b.requests;
-            s.errors += b.errors;
-            s.timeouts += b.timeouts;
-            s.tokens_in += b.tokens_in;
-            s.tokens_out += b.tokens_out;
+            s.requests = s.requests.saturating_add(b.requests);
+            s.errors = s.errors.saturating_add(b.errors);
+            s.timeouts = s.timeouts.saturating_add(b.timeouts);
+            s.tokens_in = s.tokens_in.saturating_add(b.tokens_in);
+            s.tokens_out = s.tokens_out.saturating_add(b.tokens_out);
             s.spend_usd += b.spend_usd;
             if !b.ttft.is_empty() {
                 match &mut ttft {
@@ -140,7 +149,7 @@ impl EndpointSignals {
             }
         }
         let samples = ttft.as_ref().map_or(0, |h| h.len());
-        let total = samples + s.timeouts;
+        let total = samples.saturating_add(s.timeouts);
         s.ttft_p95_ms = if total == 0 {
             None
         } else if s.timeouts as f64 > 0.05 * total as f64 {
@@ -202,16 +211,19 @@ pub struct Aggregator {
     decoder: Deserializer,
     /// Spend reported but not yet booked into the durable ledger.
     unbooked: HashMap<String, f64>,
+    /// What every new bucket's TTFT histogram starts as.
+    empty_ttft: Histogram<u64>,
 }
 
 impl Aggregator {
-    pub fn new(window_ms: u64) -> Self {
-        Self {
+    pub fn new(window_ms: u64) -> Result<Self, CreationError> {
+        Ok(Self {
             window_ms: window_ms.max(BUCKET_MS),
             series: HashMap::new(),
             decoder: Deserializer::new(),
             unbooked: HashMap::new(),
-        }
+            empty_ttft: ttft_histogram()?,
+        })
     }
 
     /// A policy edit may change the window; buckets already held stay.
@@ -235,15 +247,25 @@ impl Aggregator {
             if w.spend_usd > 0.0 && w.spend_usd.is_finite() {
                 *self.unbooked.entry(w.endpoint.clone()).or_default() += w.spend_usd;
             }
-            if s.buckets.back().is_none_or(|b| b.start_ms < start) {
-                s.buckets.push_back(Bucket::new(start));
-            }
-            let b = s.buckets.back_mut().expect("just pushed");
-            b.requests += w.requests;
-            b.errors += w.errors_connect + w.errors_timeout + w.errors_5xx + w.errors_429;
-            b.timeouts += w.errors_timeout;
-            b.tokens_in += w.tokens_in;
-            b.tokens_out += w.tokens_out;
+            // The report goes into the newest bucket while it is current
+            // (or ahead of a clock that stepped back), else into a new one.
+            let mut b = match s.buckets.pop_back() {
+                Some(b) if b.start_ms >= start => b,
+                older => {
+                    s.buckets.extend(older);
+                    Bucket::new(start, &self.empty_ttft)
+                }
+            };
+            // Counts come from sidecars: a wild one saturates, never
+            // overflows.
+            let errors = [w.errors_timeout, w.errors_5xx, w.errors_429]
+                .into_iter()
+                .fold(w.errors_connect, u64::saturating_add);
+            b.requests = b.requests.saturating_add(w.requests);
+            b.errors = b.errors.saturating_add(errors);
+            b.timeouts = b.timeouts.saturating_add(w.errors_timeout);
+            b.tokens_in = b.tokens_in.saturating_add(w.tokens_in);
+            b.tokens_out = b.tokens_out.saturating_add(w.tokens_out);
             b.spend_usd += w.spend_usd;
             if !w.ttft_histogram.is_empty() {
                 match self
@@ -260,6 +282,7 @@ impl Aggregator {
                     }
                 }
             }
+            s.buckets.push_back(b);
         }
     }
 
@@ -368,7 +391,7 @@ mod tests {
 
     #[test]
     fn reports_add_up_across_sidecars_and_age_out() {
-        let mut a = Aggregator::new(3000);
+        let mut a = Aggregator::new(3000).unwrap();
         a.ingest(
             &report("s1", vec![window("e", 3, &[10, 20, 30], 2)]),
             10_100,
@@ -397,7 +420,7 @@ mod tests {
 
     #[test]
     fn timeouts_count_as_slower_than_every_sample() {
-        let mut a = Aggregator::new(10_000);
+        let mut a = Aggregator::new(10_000).unwrap();
         // 19 fast answers and one timeout: the p95 is still a fast one.
         a.ingest(&report("s", vec![window("e", 20, &[5; 19], 0)]), 1000);
         let p95 = a.snapshot(1500).get("e").unwrap().summary(0).ttft_p95_ms;
@@ -411,7 +434,7 @@ mod tests {
 
     #[test]
     fn scrapes_expire() {
-        let mut a = Aggregator::new(10_000);
+        let mut a = Aggregator::new(10_000).unwrap();
         let q = Queue {
             waiting: 3.0,
             running: 4.0,
@@ -428,7 +451,7 @@ mod tests {
     #[test]
     fn synthetic_buckets_summarise_like_real_ones() {
         let e = EndpointSignals {
-            buckets: vec![Bucket::synthetic(0, 10, 2, 250.0)],
+            buckets: vec![Bucket::synthetic(0, 10, 2, 250.0).unwrap()],
             ..Default::default()
         };
         let s = e.summary(0);

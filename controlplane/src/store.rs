@@ -2,7 +2,7 @@
 //! switches (kills, drains, overrides), the append-only audit log of every
 //! admin action, the last published decision and version, so a restarted
 //! control plane resumes where it stopped, and the spend ledger that
-//! budgets are judged on (per endpoint and minute, kept a day).
+//! spend budgets are judged on (per endpoint and minute, kept a day).
 //!
 //! A switch and its audit entry are written in one transaction: there is
 //! never a switch in force that the log does not explain. Triggers refuse
@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::weights::{Decision, Override, Switches};
@@ -152,7 +152,7 @@ CREATE TABLE IF NOT EXISTS spend (
 );
 ";
 
-/// How long booked spend is kept; budgets look back one hour.
+/// How long booked spend is kept; spend budgets look back one hour.
 const SPEND_KEPT_MS: u64 = 24 * 3_600_000;
 
 impl Store {
@@ -181,10 +181,8 @@ impl Store {
         self.path.as_deref()
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (the
-        // transaction rolls back on drop), so a poisoned lock is usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock()
     }
 
     /// Applies an action and logs it, atomically. Returns the audit id.
@@ -511,6 +509,18 @@ mod tests {
         assert!(log[3].detail.contains("class std"), "{}", log[3].detail);
         let last_two = s.audit(2).unwrap();
         assert_eq!(last_two.iter().map(|e| e.id).collect::<Vec<_>>(), [5, 6]);
+    }
+
+    #[test]
+    fn the_stored_decision_keeps_its_over_budget_key() {
+        // Decision::over_spend_budget is stored as `over_budget`, as before
+        // the field was renamed: a saved decision loads either way.
+        let mut d = Decision::default();
+        d.over_spend_budget.insert("a".into(), "spent".into());
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains(r#""over_budget":{"a":"spent"}"#), "{json}");
+        let back: Decision = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

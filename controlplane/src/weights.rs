@@ -15,11 +15,11 @@
 //!    judged only on samples taken since, and its weight climbs back by at
 //!    most `max_step` per computation. When every eligible endpoint is
 //!    ejected, all of them carry the class (a degraded route beats none).
-//!    Budgets come before the SLA: an endpoint over budget carries nothing
-//!    while any eligible endpoint within budget exists, ejected or not, and
-//!    goes last in the chain.
+//!    Spend budgets come before the SLA: an endpoint over its spend budget
+//!    carries nothing while any eligible endpoint within its spend budget
+//!    exists, ejected or not, and goes last in the chain.
 //! 3. Fill. Healthy endpoints are taken in tier order, cheapest first;
-//!    each takes traffic up to its burst budget (capacity ×
+//!    each takes traffic up to its usable capacity (capacity ×
 //!    `burst_utilisation`, less when its scraped vLLM queue is deeper than
 //!    `burst_queue_depth`) measured against the demand (requests in flight
 //!    over the class's endpoints); the rest overflows to the next. Endpoints
@@ -43,8 +43,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use switchyard_policy::{Class, Endpoint, Policy};
 
-use crate::policy::{Class, Endpoint, Policy};
 use crate::signals::Signals;
 
 /// Weights below this are dropped: they would route nothing.
@@ -64,11 +64,11 @@ pub struct Switches {
     pub killed_providers: BTreeMap<String, String>,
     pub drained: BTreeMap<String, String>,
     pub overrides: Vec<Override>,
-    /// Endpoints whose spend over the last hour reached their budget, with
-    /// the reason. Set by the control plane from its ledger, not by an
-    /// operator: such an endpoint is used only when no endpoint within
-    /// budget can carry the class.
-    pub over_budget: BTreeMap<String, String>,
+    /// Endpoints whose spend over the last hour reached their spend budget,
+    /// with the reason. Set by the control plane from its ledger, not by an
+    /// operator: such an endpoint is used only when no endpoint within its
+    /// spend budget can carry the class.
+    pub over_spend_budget: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,9 +145,10 @@ pub struct Decision {
     pub classes: BTreeMap<String, ClassDecision>,
     /// Class → endpoint → standing.
     pub standing: BTreeMap<String, BTreeMap<String, Standing>>,
-    /// Endpoints over budget, with the reason; the table flags them.
-    #[serde(default)]
-    pub over_budget: BTreeMap<String, String>,
+    /// Endpoints over their spend budget, with the reason; the table flags
+    /// them. Stored under its old key, so a saved decision still loads.
+    #[serde(default, rename = "over_budget")]
+    pub over_spend_budget: BTreeMap<String, String>,
 }
 
 impl Decision {
@@ -155,7 +156,10 @@ impl Decision {
     /// would notice; standing alone changes nothing it routes on.
     pub fn routes_differ(&self, other: &Decision) -> bool {
         if self.classes.len() != other.classes.len()
-            || !self.over_budget.keys().eq(other.over_budget.keys())
+            || !self
+                .over_spend_budget
+                .keys()
+                .eq(other.over_spend_budget.keys())
         {
             return true;
         }
@@ -232,7 +236,7 @@ fn breach(
 
 /// The most traffic an endpoint should carry before its tier overflows, in
 /// concurrent requests; infinite when nothing bounds it.
-fn budget(policy: &Policy, e: &Endpoint, signals: &Signals) -> f64 {
+fn usable_capacity(policy: &Policy, e: &Endpoint, signals: &Signals) -> f64 {
     let mut k = if e.capacity > 0 {
         f64::from(e.capacity) * policy.routing.burst_utilisation
     } else {
@@ -252,144 +256,183 @@ fn budget(policy: &Policy, e: &Endpoint, signals: &Signals) -> f64 {
 }
 
 /// Splits `amount` over endpoints with per-endpoint caps, as evenly as the
-/// caps allow. Returns what was placed.
-fn water_fill(caps: &[f64], amount: f64, out: &mut [f64]) -> f64 {
+/// caps allow. Returns what each was given and what was placed in all.
+fn water_fill(caps: &[f64], amount: f64) -> (Vec<f64>, f64) {
+    let mut placed = vec![0.0; caps.len()];
+    let mut open = vec![true; caps.len()];
     let mut left = amount;
-    let mut open: Vec<usize> = (0..caps.len()).collect();
-    while left > 1e-12 && !open.is_empty() {
-        let share = left / open.len() as f64;
-        let mut next = Vec::with_capacity(open.len());
-        for &i in &open {
-            let room = caps[i] - out[i];
-            if room <= share {
-                out[i] += room.max(0.0);
+    loop {
+        let n = open.iter().filter(|o| **o).count();
+        if left <= 1e-12 || n == 0 {
+            break;
+        }
+        // Each round offers every open endpoint an equal share; those with
+        // less room than that are filled and close.
+        let share = left / n as f64;
+        let mut closed = false;
+        for ((cap, out), is_open) in caps.iter().zip(&mut placed).zip(&mut open) {
+            let room = cap - *out;
+            if *is_open && room <= share {
+                *out += room.max(0.0);
                 left -= room.max(0.0);
-            } else {
-                next.push(i);
+                *is_open = false;
+                closed = true;
             }
         }
-        if next.len() == open.len() {
-            for &i in &next {
-                out[i] += share;
+        if !closed {
+            for (out, _) in placed.iter_mut().zip(&open).filter(|(_, o)| **o) {
+                *out += share;
             }
             left = 0.0;
         }
-        open = next;
     }
-    amount - left.max(0.0)
+    (placed, amount - left.max(0.0))
+}
+
+/// One endpoint of `active` while its target weight is worked out.
+struct Slot<'a> {
+    /// Position in `active`: the weights go back in that order.
+    pos: usize,
+    e: &'a Endpoint,
+    rank: Option<usize>,
+    cost: f64,
+    /// The share of the class's demand it takes before its tier overflows.
+    cap: f64,
+    /// Which group it fills with: a run of one tier, cost within tolerance
+    /// of the run's cheapest. Numbered from 1 in fill order.
+    group: usize,
+    w: f64,
 }
 
 /// The target weights before smoothing, over `active` (healthy endpoints,
-/// or all eligible ones when none is healthy).
+/// or all eligible ones when none is healthy), in the order of `active`.
 fn target(policy: &Policy, class: &Class, active: &[&Endpoint], signals: &Signals) -> Vec<f64> {
     let mix = signals.token_mix();
-    let rank = |e: &Endpoint| policy.tiers.iter().position(|t| *t == e.tier);
-    let mut order: Vec<usize> = (0..active.len()).collect();
-    order.sort_by(|&a, &b| {
-        rank(active[a])
-            .cmp(&rank(active[b]))
-            .then(cost(active[a], mix).total_cmp(&cost(active[b], mix)))
-            .then(active[a].name.cmp(&active[b].name))
-    });
     // Demand, in concurrent requests, over every endpoint the class uses.
     let demand: f64 = active
         .iter()
         .filter_map(|e| signals.get(&e.name))
         .map(|s| s.in_flight)
         .sum();
-    let caps: Vec<f64> = active
+    let mut slots: Vec<Slot> = active
         .iter()
-        .map(|e| {
-            let k = budget(policy, e, signals);
-            if demand <= 0.0 {
+        .enumerate()
+        .map(|(pos, e)| Slot {
+            pos,
+            e,
+            rank: policy.tiers.iter().position(|t| *t == e.tier),
+            cost: cost(e, mix),
+            cap: if demand <= 0.0 {
                 f64::INFINITY
             } else {
-                k / demand
-            }
+                usable_capacity(policy, e, signals) / demand
+            },
+            group: 0,
+            w: 0.0,
         })
         .collect();
-    let mut w = vec![0.0; active.len()];
-    let mut left = 1.0;
-    let mut i = 0;
-    while i < order.len() && left > 1e-12 {
-        // A group: same tier, cost within tolerance of the group's cheapest.
-        let first = active[order[i]];
-        let c0 = cost(first, mix);
-        let mut j = i;
-        while j < order.len()
-            && active[order[j]].tier == first.tier
-            && cost(active[order[j]], mix) <= c0 * (1.0 + policy.routing.cost_tolerance) + 1e-9
-        {
-            j += 1;
+    slots.sort_by(|a, b| {
+        a.rank
+            .cmp(&b.rank)
+            .then(a.cost.total_cmp(&b.cost))
+            .then(a.e.name.cmp(&b.e.name))
+    });
+    let tolerance = 1.0 + policy.routing.cost_tolerance;
+    let mut groups = 0;
+    let mut head = None;
+    for s in &mut slots {
+        let joins =
+            head.is_some_and(|(tier, c0)| s.e.tier == tier && s.cost <= c0 * tolerance + 1e-9);
+        if !joins {
+            groups += 1;
+            head = Some((s.e.tier, s.cost));
         }
-        let mut group: Vec<usize> = order[i..j].to_vec();
+        s.group = groups;
+    }
+    let mut left = 1.0;
+    for g in 1..=groups {
+        if left <= 1e-12 {
+            break;
+        }
+        let mut group: Vec<&mut Slot> = slots.iter_mut().filter(|s| s.group == g).collect();
         if class.interactive {
-            let rtt = |k: usize| {
+            let rtt = |s: &Slot| {
                 signals
-                    .get(&active[k].name)
-                    .and_then(|s| s.rtt_ms)
+                    .get(&s.e.name)
+                    .and_then(|x| x.rtt_ms)
                     .unwrap_or(f64::INFINITY)
             };
-            group.sort_by(|&a, &b| rtt(a).total_cmp(&rtt(b)));
-            for k in group {
-                let take = caps[k].min(left);
-                w[k] += take;
+            group.sort_by(|a, b| rtt(a).total_cmp(&rtt(b)));
+            for s in group {
+                let take = s.cap.min(left);
+                s.w += take;
                 left -= take;
             }
         } else {
-            let gcaps: Vec<f64> = group.iter().map(|&k| caps[k]).collect();
-            let mut placed = vec![0.0; group.len()];
-            left -= water_fill(&gcaps, left, &mut placed);
-            for (n, &k) in group.iter().enumerate() {
-                w[k] += placed[n];
+            let caps: Vec<f64> = group.iter().map(|s| s.cap).collect();
+            let (placed, total) = water_fill(&caps, left);
+            left -= total;
+            for (s, p) in group.into_iter().zip(placed) {
+                s.w += p;
             }
         }
-        i = j;
     }
     if left > 1e-12 {
-        // Every endpoint is at its budget: spread the excess in proportion
-        // to the budgets, so the load stays as even as the capacities.
-        let total: f64 = caps.iter().filter(|c| c.is_finite()).sum();
-        for (k, c) in caps.iter().enumerate() {
-            w[k] += if total > 0.0 {
-                left * c / total
+        // Every endpoint is at its usable capacity: spread the excess in
+        // proportion to those capacities, so the load stays as even as they.
+        let total: f64 = slots.iter().map(|s| s.cap).filter(|c| c.is_finite()).sum();
+        let n = slots.len() as f64;
+        for s in &mut slots {
+            s.w += if total > 0.0 {
+                left * s.cap / total
             } else {
-                left / caps.len() as f64
+                left / n
             };
         }
     }
-    // Exploration: standby endpoints are lifted to the floor and the others
-    // scaled into what is left; scaling may push another under the floor,
-    // so the standby set grows until it is stable.
-    let eps = policy.routing.exploration;
-    if eps > 0.0 && w.len() > 1 {
-        let mut standby: Vec<bool> = w.iter().map(|x| *x < eps).collect();
-        loop {
-            let n = standby.iter().filter(|s| **s).count();
-            if n == 0 {
-                break;
-            }
-            if n == w.len() {
-                w.iter_mut().for_each(|x| *x = 1.0 / n as f64);
-                break;
-            }
-            let each = eps.min(EXPLORATION_CAP / n as f64);
-            let rest: f64 = (0..w.len()).filter(|&k| !standby[k]).map(|k| w[k]).sum();
-            let scale = (1.0 - each * n as f64) / rest;
-            let grew = (0..w.len()).any(|k| !standby[k] && w[k] * scale < each);
-            if grew {
-                for k in 0..w.len() {
-                    standby[k] = standby[k] || w[k] * scale < each;
-                }
-                continue;
-            }
-            for k in 0..w.len() {
-                w[k] = if standby[k] { each } else { w[k] * scale };
-            }
-            break;
-        }
-    }
+    slots.sort_by_key(|s| s.pos);
+    let mut w: Vec<f64> = slots.iter().map(|s| s.w).collect();
+    explore(&mut w, policy.routing.exploration);
     w
+}
+
+/// Exploration: standby endpoints (under `eps`) are lifted to the floor and
+/// the others scaled into what is left; scaling may push another under the
+/// floor, so the standby set grows until it is stable.
+fn explore(w: &mut [f64], eps: f64) {
+    if eps <= 0.0 || w.len() < 2 {
+        return;
+    }
+    let mut standby: Vec<bool> = w.iter().map(|x| *x < eps).collect();
+    loop {
+        let n = standby.iter().filter(|s| **s).count();
+        if n == 0 {
+            return;
+        }
+        if n == w.len() {
+            w.iter_mut().for_each(|x| *x = 1.0 / n as f64);
+            return;
+        }
+        let each = eps.min(EXPLORATION_CAP / n as f64);
+        let rest: f64 = w
+            .iter()
+            .zip(&standby)
+            .filter(|(_, s)| !**s)
+            .map(|(x, _)| x)
+            .sum();
+        let scale = (1.0 - each * n as f64) / rest;
+        let grew = w.iter().zip(&standby).any(|(x, s)| !*s && x * scale < each);
+        if grew {
+            for (x, s) in w.iter().zip(&mut standby) {
+                *s = *s || x * scale < each;
+            }
+            continue;
+        }
+        for (x, s) in w.iter_mut().zip(&standby) {
+            *x = if *s { each } else { *x * scale };
+        }
+        return;
+    }
 }
 
 fn normalise(m: &mut BTreeMap<String, f64>) {
@@ -547,7 +590,7 @@ pub fn decide(
             }
         }
         let is_ejected = |e: &Endpoint| standing.get(&e.name).is_some_and(|s| s.ejected(now));
-        let over = |e: &Endpoint| switches.over_budget.contains_key(&e.name);
+        let over = |e: &Endpoint| switches.over_spend_budget.contains_key(&e.name);
 
         let mut fallback: Vec<&Endpoint> = eligible.clone();
         fallback.sort_by(|a, b| {
@@ -597,8 +640,8 @@ pub fn decide(
                             .to_string(),
                     );
                 }
-                // A budget is firmer than the SLA: within-budget endpoints
-                // that break the SLA still come before over-budget ones.
+                // A spend budget is firmer than the SLA: endpoints within
+                // theirs that break the SLA still come before those over.
                 let within: Vec<&Endpoint> =
                     eligible.iter().copied().filter(|e| !over(e)).collect();
                 let healthy: Vec<&Endpoint> =
@@ -654,8 +697,8 @@ pub fn decide(
         out.classes.insert(class.name.clone(), decision);
         out.standing.insert(class.name.clone(), standing);
     }
-    out.over_budget = switches
-        .over_budget
+    out.over_spend_budget = switches
+        .over_spend_budget
         .iter()
         .filter(|(name, _)| policy.endpoints.iter().any(|e| &e.name == *name))
         .map(|(n, r)| (n.clone(), r.clone()))

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::signals::{Bucket, EndpointSignals, Queue};
+use proptest::collection::SizeRange;
 use proptest::prelude::*;
 
 const NOW: u64 = 1_000_000;
@@ -42,7 +43,7 @@ fn signals(now: u64, eps: &[(&str, EndpointSignals)]) -> Signals {
 /// Ten requests in the last second at `ttft_ms`, `in_flight` now.
 fn traffic(now: u64, ttft_ms: f64, errors: u64, in_flight: f64) -> EndpointSignals {
     EndpointSignals {
-        buckets: vec![Bucket::synthetic(now - 1000, 10, errors, ttft_ms)],
+        buckets: vec![Bucket::synthetic(now - 1000, 10, errors, ttft_ms).unwrap()],
         in_flight,
         ..Default::default()
     }
@@ -91,7 +92,7 @@ fn demand_past_the_burst_threshold_overflows_to_the_next_tier() {
     assert!((w(&d, "standard", "onprem") - 0.5).abs() < 1e-9, "{d:?}");
     assert!((w(&d, "standard", "burst") - 0.5).abs() < 1e-9);
     assert_eq!(w(&d, "standard", "hosted"), 0.0);
-    // Demand within the budget: all back on-prem, smoothly.
+    // Demand within its usable capacity: all back on-prem, smoothly.
     let s = signals(NOW + 1000, &[("onprem", traffic(NOW + 1000, 50.0, 0, 4.0))]);
     let d2 = decide(&p, &Switches::default(), &s, &d);
     assert!((w(&d2, "standard", "onprem") - 0.6).abs() < 1e-9, "{d2:?}");
@@ -114,7 +115,7 @@ fn a_deep_vllm_queue_counts_as_full() {
     });
     let s = signals(NOW, &[("onprem", onprem)]);
     let d = decide(&p, &Switches::default(), &s, &Decision::default());
-    // Budget: 2 running + 2 tolerated waiting = 4 of 8 in flight.
+    // Usable capacity: 2 running + 2 tolerated waiting = 4 of 8 in flight.
     assert!((w(&d, "standard", "onprem") - 0.5).abs() < 1e-9, "{d:?}");
 }
 
@@ -230,7 +231,8 @@ fn killed_and_drained_endpoints_leave_routes_and_chains_at_once() {
 }
 
 #[test]
-fn an_endpoint_over_budget_carries_nothing_while_another_can_and_goes_last_in_the_chain() {
+fn an_endpoint_over_its_spend_budget_carries_nothing_while_another_can_and_goes_last_in_the_chain()
+{
     let p = three_tiers("");
     let prev = decide(
         &p,
@@ -240,19 +242,22 @@ fn an_endpoint_over_budget_carries_nothing_while_another_can_and_goes_last_in_th
     );
     assert!(w(&prev, "standard", "onprem") > 0.5);
     let mut sw = Switches::default();
-    sw.over_budget.insert("onprem".into(), "spent".into());
+    sw.over_spend_budget.insert("onprem".into(), "spent".into());
     let d = decide(&p, &sw, &signals(NOW, &[]), &prev);
     let c = &d.classes["standard"];
     assert_eq!(w(&d, "standard", "onprem"), 0.0, "leaves at once");
     assert!((sum(c) - 1.0).abs() < 1e-9);
     assert_eq!(c.fallback.last().map(String::as_str), Some("onprem"));
-    assert_eq!(d.over_budget.keys().collect::<Vec<_>>(), ["onprem"]);
-    assert!(d.routes_differ(&prev), "a new budget standing is pushed");
+    assert_eq!(d.over_spend_budget.keys().collect::<Vec<_>>(), ["onprem"]);
+    assert!(
+        d.routes_differ(&prev),
+        "a new spend-budget standing is pushed"
+    );
 
-    // Everything over budget: the class still routes, on all of them, and
+    // Everything over its spend budget: the class still routes, on all of them, and
     // says so; the sidecar applies the class's degradation.
     for e in ["burst", "hosted"] {
-        sw.over_budget.insert(e.into(), "spent".into());
+        sw.over_spend_budget.insert(e.into(), "spent".into());
     }
     let d = decide(&p, &sw, &signals(NOW, &[]), &d);
     let c = &d.classes["standard"];
@@ -423,10 +428,13 @@ fn ep() -> impl Strategy<Value = Ep> {
         )
 }
 
-fn cl() -> impl Strategy<Value = Cl> {
+/// A class that names only models in `served` (a mask, as in `Ep`), so the
+/// policy never fails validation for a model no endpoint serves.
+fn cl(served: u8) -> impl Strategy<Value = Cl> {
+    let models: Vec<u8> = (1..4u8).filter(|m| m & !served == 0).collect();
     (
         proptest::option::of(1..8u8),
-        proptest::option::of(1..4u8),
+        proptest::option::of(proptest::sample::select(models)),
         any::<bool>(),
     )
         .prop_map(|(tiers, models, interactive)| Cl {
@@ -434,6 +442,22 @@ fn cl() -> impl Strategy<Value = Cl> {
             models,
             interactive,
         })
+}
+
+/// Endpoints, and classes that may use what they serve: always a valid
+/// policy, so no generated case is thrown away untested.
+fn fleet(
+    endpoints: impl Into<SizeRange>,
+    classes: impl Into<SizeRange>,
+) -> impl Strategy<Value = (Vec<Ep>, Vec<Cl>)> {
+    let classes = classes.into();
+    proptest::collection::vec(ep(), endpoints).prop_flat_map(move |eps| {
+        let served = eps.iter().fold(0, |m, e| m | e.models);
+        (
+            Just(eps),
+            proptest::collection::vec(cl(served), classes.clone()),
+        )
+    })
 }
 
 fn sig() -> impl Strategy<Value = Sig> {
@@ -463,9 +487,10 @@ fn models_of(mask: u8) -> Vec<&'static str> {
 }
 
 /// Renders the generated parts as policy YAML, so new optional policy
-/// fields never break these tests. `None` when the parts make no valid
-/// policy (a class naming a model no endpoint serves).
-fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Option<Policy> {
+/// fields never break these tests. The generators only make parts of a
+/// valid policy; parts that make none are a bug in them, and fail the test
+/// rather than pass it untested.
+fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Policy {
     let mut y = String::from("default_class: c0\nendpoints:\n");
     for (i, e) in eps.iter().enumerate() {
         y.push_str(&format!(
@@ -510,7 +535,7 @@ fn render(eps: &[Ep], classes: &[Cl], routing: (u8, u8, u8)) -> Option<Policy> {
         f64::from(exploration) / 100.0,
         max_step * f64::from(hyst) / 100.0,
     ));
-    Policy::parse(&y).ok()
+    Policy::parse(&y).unwrap_or_else(|e| panic!("the generators made an invalid policy: {e}\n{y}"))
 }
 
 fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
@@ -526,7 +551,8 @@ fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
                         u64::from(s.requests),
                         u64::from(s.errors),
                         f64::from(s.ttft_ms),
-                    )],
+                    )
+                    .unwrap()],
                     in_flight: f64::from(s.in_flight),
                     rtt_ms: s.rtt_ms.map(f64::from),
                     queue: None,
@@ -593,17 +619,17 @@ fn check_invariants(p: &Policy, sw: &Switches, d: &Decision) -> Result<(), TestC
                 );
             }
         }
-        // An endpoint over budget carries the class only when no eligible
-        // one within budget can (static weights are normalised over the
-        // eligible ones, budgets included).
+        // An endpoint over its spend budget carries the class only when no
+        // eligible one within its spend budget can (static weights are
+        // normalised over the eligible ones, over spend budget or not).
         let within = p.endpoints.iter().any(|e| {
-            class.may_use(e) && sw.off(e).is_none() && !sw.over_budget.contains_key(&e.name)
+            class.may_use(e) && sw.off(e).is_none() && !sw.over_spend_budget.contains_key(&e.name)
         });
         if within {
             for name in c.routes.keys() {
                 prop_assert!(
-                    !sw.over_budget.contains_key(name),
-                    "{} routed to {name}, over budget, with an endpoint within budget",
+                    !sw.over_spend_budget.contains_key(name),
+                    "{} routed to {name}, over its spend budget, with an endpoint within its own",
                     class.name
                 );
             }
@@ -641,18 +667,17 @@ proptest! {
 
     #[test]
     fn weights_sum_to_one_and_never_reach_forbidden_or_switched_off_endpoints(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         sigs in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
         (killed, drained, providers) in (any::<u8>(), any::<u8>(), 0..4u8),
         over in any::<u8>(),
         steps in 1..6usize,
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let mut sw = switches(eps.len(), killed, drained, providers);
         for i in (0..eps.len()).filter(|i| over & (1 << i) != 0) {
-            sw.over_budget.insert(format!("e{i}"), "test".into());
+            sw.over_spend_budget.insert(format!("e{i}"), "test".into());
         }
         let mut d = Decision::default();
         for i in 0..steps {
@@ -664,13 +689,12 @@ proptest! {
 
     #[test]
     fn each_step_moves_any_weight_by_at_most_max_step(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         before in proptest::collection::vec(sig(), 6),
         after in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let sw = Switches::default();
         let n = eps.len();
         let d1 = decide(&p, &sw, &make_signals(NOW, &quiet(&before[..n])), &Decision::default());
@@ -703,7 +727,7 @@ proptest! {
         ];
         eps.extend(others.iter().cloned());
         let class = Cl { tiers: None, models: None, interactive: false };
-        let Some(p) = render(&eps, &[class], (exploration, 10, 20)) else { return Ok(()) };
+        let p = render(&eps, &[class], (exploration, 10, 20));
         let mut sigs = vec![shared.clone(), shared];
         sigs.extend(other_sigs[..others.len()].iter().cloned());
         let d = decide(&p, &Switches::default(), &make_signals(NOW, &sigs), &Decision::default());
@@ -712,12 +736,11 @@ proptest! {
 
     #[test]
     fn constant_signals_settle_instead_of_oscillating(
-        eps in proptest::collection::vec(ep(), 1..6),
-        classes in proptest::collection::vec(cl(), 1..4),
+        (eps, classes) in fleet(1..6, 1..4),
         sigs in proptest::collection::vec(sig(), 6),
         routing in (0..10u8, 0..45u8, 0..100u8),
     ) {
-        let Some(p) = render(&eps, &classes, routing) else { return Ok(()) };
+        let p = render(&eps, &classes, routing);
         let sw = Switches::default();
         let mut d = Decision::default();
         let mut changes = vec![];
@@ -739,7 +762,7 @@ proptest! {
         exploration in 1..10u8,
     ) {
         let class = Cl { tiers: None, models: None, interactive: false };
-        let Some(p) = render(&eps, &[class], (exploration, 10, 20)) else { return Ok(()) };
+        let p = render(&eps, &[class], (exploration, 10, 20));
         let n = eps.len();
         let d = decide(&p, &Switches::default(), &make_signals(NOW, &quiet(&sigs[..n])), &Decision::default());
         let floor = p.routing.exploration.min(EXPLORATION_CAP / n as f64);

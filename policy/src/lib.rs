@@ -1,10 +1,21 @@
 //! The policy file: endpoints, request classes and tier order, parsed from
 //! YAML and validated with errors that name the field and its line.
+//!
+//! One entry point, [`Policy::parse`], takes any text and returns either a
+//! valid policy or a [`PolicyError`]; it never panics, so a fuzzer can call
+//! it on anything. The crate has no I/O and no gRPC, database or runtime
+//! dependency: the control plane, a standalone sidecar or a fuzz target
+//! can all use it cheaply.
+#![forbid(unsafe_code)]
+
+pub mod credential;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use serde::Deserialize;
+
+pub use credential::CredentialRef;
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -62,9 +73,10 @@ pub struct Endpoint {
     /// (`vllm:num_requests_waiting`) and KV-cache use.
     #[serde(default)]
     pub metrics_url: Option<String>,
-    /// Spend cap over any rolling hour, in USD, summed over every sidecar.
-    /// Past it the endpoint is over budget: it takes traffic only when
-    /// nothing within budget can, and classes degrade (see `degrade`).
+    /// The endpoint's spend budget: a cap over any rolling hour, in USD,
+    /// summed over every sidecar. Past it the endpoint is over its spend
+    /// budget: it takes traffic only when nothing within its spend budget
+    /// can, and classes degrade (see `degrade`).
     #[serde(default)]
     pub budget_usd_per_hour: Option<f64>,
     /// Where each sidecar finds the provider key: `env:NAME` or
@@ -116,15 +128,17 @@ pub struct Class {
     /// Hedge slow first tokens with a second endpoint.
     #[serde(default)]
     pub hedge: bool,
+    /// The class's retry budget: how many retries it may add.
     #[serde(default)]
     pub retry_budget: Option<RetryBudget>,
     /// What to do when none of the class's weighted endpoints is healthy and
-    /// within budget.
+    /// within its spend budget.
     #[serde(default)]
     pub degrade: Option<Degrade>,
 }
 
-/// Retries may add `ratio` of recent requests plus `min_per_second`.
+/// A class's retry budget: retries may add `ratio` of recent requests plus
+/// `min_per_second`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
@@ -259,8 +273,8 @@ impl Policy {
                 Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
                 _ => ("policy".to_string(), msg),
             };
-            let message = match message.rfind(" at line ") {
-                Some(i) => message[..i].to_string(),
+            let message = match message.rsplit_once(" at line ") {
+                Some((m, _)) => m.to_string(),
                 None => message,
             };
             PolicyError {
@@ -319,7 +333,7 @@ impl Policy {
                 return err(at("provider"), "must not be empty".into());
             }
             if let Some(c) = &e.credential {
-                if let Err(m) = switchyard_proto::credential::CredentialRef::parse(c) {
+                if let Err(m) = CredentialRef::parse(c) {
                     return err(at("credential"), m);
                 }
             }
@@ -552,6 +566,8 @@ pub fn locate(src: &str, path: &str) -> Option<usize> {
         let t = l.trim_start();
         !t.is_empty() && !t.starts_with('#')
     };
+    // Lines `from..to`, numbered from 0.
+    let span = |from: usize, to: usize| lines.iter().copied().enumerate().take(to).skip(from);
     // The block being searched: [start, end) lines and the minimum indent.
     let (mut start, mut end, mut min_indent) = (0usize, lines.len(), 0usize);
     let mut found = None;
@@ -560,44 +576,45 @@ pub fn locate(src: &str, path: &str) -> Option<usize> {
             Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
             None => (seg, None),
         };
+        let key_colon = format!("{key}:");
         // A key not found (say, inside a flow mapping `price: { ... }`)
         // leaves the line of its parent.
-        let Some(key_line) = (start..end).find(|&i| {
-            let l = lines[i];
-            meaningful(l) && indent(l) >= min_indent && {
-                let t = l.trim_start().trim_start_matches("- ");
-                t.starts_with(&format!("{key}:"))
-            }
+        let Some((key_line, key_text)) = span(start, end).find(|&(_, l)| {
+            meaningful(l)
+                && indent(l) >= min_indent
+                && l.trim_start()
+                    .trim_start_matches("- ")
+                    .starts_with(&key_colon)
         }) else {
             return found;
         };
         found = Some(key_line + 1);
-        let key_indent = indent(lines[key_line]);
-        let block_end = (key_line + 1..end)
-            .find(|&i| meaningful(lines[i]) && indent(lines[i]) <= key_indent)
-            .unwrap_or(end);
+        let key_indent = indent(key_text);
+        let block_end = span(key_line + 1, end)
+            .find(|&(_, l)| meaningful(l) && indent(l) <= key_indent)
+            .map_or(end, |(i, _)| i);
         start = key_line + 1;
         end = block_end;
         min_indent = key_indent + 1;
         if let Some(n) = index {
-            let items: Vec<usize> = (start..end)
-                .filter(|&i| lines[i].trim_start().starts_with("- "))
+            let items: Vec<(usize, &str)> = span(start, end)
+                .filter(|(_, l)| l.trim_start().starts_with("- "))
                 .collect();
-            let Some(&first) = items.first() else {
+            let Some(&(_, first)) = items.first() else {
                 return found;
             };
-            let item_indent = indent(lines[first]);
-            let items: Vec<usize> = items
+            let item_indent = indent(first);
+            let mut items = items
                 .into_iter()
-                .filter(|&i| indent(lines[i]) == item_indent)
-                .collect();
-            let Some(&item) = items.get(n) else {
+                .filter(|&(_, l)| indent(l) == item_indent)
+                .map(|(i, _)| i)
+                .skip(n);
+            let Some(item) = items.next() else {
                 return found;
             };
             found = Some(item + 1);
-            let item_end = items.get(n + 1).copied().unwrap_or(end);
+            end = items.next().unwrap_or(end);
             start = item;
-            end = item_end;
             min_indent = item_indent;
         }
     }
@@ -744,5 +761,91 @@ classes:
         assert_eq!(e.field, "endpoints[0]");
         assert!(e.message.contains("colour"), "{e}");
         assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn a_spend_budget_must_be_positive() {
+        let e = Policy::parse(
+            "\
+default_class: standard
+endpoints:
+  - { name: a, url: 'http://127.0.0.1:1', tier: onprem, models: [m], price: { input_per_mtok: 1, output_per_mtok: 1 }, budget_usd_per_hour: 0 }
+classes:
+  - { name: standard }
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("endpoints[0].budget_usd_per_hour"), "{e}");
+    }
+
+    // `Policy::parse` is the fuzzing entry point: whatever the text, it
+    // answers Ok or Err and never panics; the same for `locate`.
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// GOOD with one line replaced, dropped or repeated, or with text
+        /// spliced in: mostly near-valid YAML, which reaches validation.
+        fn mutated() -> impl Strategy<Value = String> {
+            let n = GOOD.lines().count();
+            (
+                0..n,
+                0..4u8,
+                "[ -~\\n]{0,24}",
+                prop::sample::select(vec![
+                    "- ", ": ", "[", "]", "{", "}", "0", "-1", "1e400", ".nan", "~", "&a", "*a",
+                    "!!str", "'", "\"", "  ", "\t", "weights", "a", "é",
+                ]),
+            )
+                .prop_map(move |(at, how, text, token)| {
+                    let mut lines: Vec<String> = GOOD.lines().map(str::to_string).collect();
+                    match (how, lines.get_mut(at)) {
+                        (0, Some(l)) => *l = text,
+                        (1, _) => {
+                            lines.remove(at);
+                        }
+                        (2, Some(l)) => {
+                            let l = l.clone();
+                            lines.insert(at, l);
+                        }
+                        (_, Some(l)) => {
+                            let cut = l.len().min(text.len());
+                            l.insert_str(cut, token);
+                        }
+                        _ => {}
+                    }
+                    lines.join("\n")
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn on_any_text(src in "\\PC{0,200}") {
+                let _ = Policy::parse(&src);
+            }
+
+            #[test]
+            fn on_near_valid_policies(src in mutated()) {
+                if let Err(e) = Policy::parse(&src) {
+                    prop_assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}");
+                    if let Some(l) = e.line {
+                        prop_assert!(l >= 1 && l <= src.lines().count() + 1, "{e} in\n{src}");
+                    }
+                }
+            }
+
+            #[test]
+            fn locate_on_any_path(
+                src in mutated(),
+                path in "[a-z_]{1,8}(\\[[0-9]{1,22}\\])?(\\.[a-z_]{0,8}(\\[[0-9]{1,22}\\])?){0,3}",
+            ) {
+                if let Some(l) = locate(&src, &path) {
+                    prop_assert!(l >= 1 && l <= src.lines().count());
+                }
+            }
+        }
     }
 }
