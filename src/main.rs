@@ -159,6 +159,12 @@ struct MockArgs {
     /// vllm:num_requests_waiting on /metrics). Unlimited when absent.
     #[arg(long)]
     capacity: Option<u32>,
+    /// Line ending of streamed events: lf, crlf or cr.
+    #[arg(long, default_value = "lf")]
+    sse_line_ending: switchyard_mock::LineEnding,
+    /// Send a `: keep-alive` comment event before every streamed token.
+    #[arg(long)]
+    sse_keep_alive: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -294,6 +300,8 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         drop_mid_stream_ratio: a.drop_mid_stream_ratio,
         cached_tokens: a.cached_tokens,
         reasoning_tokens: a.reasoning_tokens,
+        sse_line_ending: a.sse_line_ending,
+        sse_keep_alive: a.sse_keep_alive,
     };
     behaviour.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))

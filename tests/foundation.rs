@@ -651,3 +651,119 @@ async fn the_provider_key_comes_from_the_sidecars_environment_never_from_the_app
     }
     let _ = std::fs::remove_file(&key_file);
 }
+
+/// Sends `request` on a raw connection and reads whatever the sidecar
+/// answers until it closes the connection.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_or_trickled_body_gets_408_and_bad_parameters_400_before_any_provider() {
+    let stack = Stack::start(
+        "intake",
+        &[("onprem-a", "onprem", &[])],
+        &[],
+        &["--body-timeout-ms", "400"],
+    )
+    .await;
+    // A body shorter than its Content-Length: the sidecar waits for the
+    // rest only so long, then answers 408 and closes the connection.
+    let answer = raw_exchange(
+        stack.sidecar_addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\n{\"model\":",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+
+    // A body trickled a byte at a time, forever: the same.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(stack.sidecar_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let trickle = tokio::spawn(async move {
+        loop {
+            if wr.write_all(b"1\r\n \r\n").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let _ = rd.read_to_end(&mut out).await;
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Parameters a provider must refuse are refused here, naming them.
+    let chat = stack.url("/v1/chat/completions");
+    for (body, param) in [
+        (serde_json::json!({"model": MODEL}), "messages"),
+        (
+            serde_json::json!({"model": MODEL, "messages": []}),
+            "messages",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "messages": ["hi"]}),
+            "messages[0]",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "messages": [{"content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "messages": [{"role": "user"}], "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "messages": [{"role": "user"}], "max_completion_tokens": "9"}),
+            "max_completion_tokens",
+        ),
+    ] {
+        let (s, b) = openai_error(stack.http.post(&chat).json(&body).send().await.unwrap()).await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {b}"
+        );
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+    }
+    for bad in ["0", "-3", "soon"] {
+        let (s, b) = openai_error(
+            stack
+                .http
+                .post(&chat)
+                .header("x-switchyard-timeout-ms", bad)
+                .json(&stack.chat_body(false))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (400, Some("x-switchyard-timeout-ms")),
+            "{bad}: {b}"
+        );
+    }
+    assert_eq!(
+        stack.mocks[0].requests(&stack.http).await,
+        0,
+        "no refused request reached the provider"
+    );
+    // And the sidecar still serves.
+    let (status, endpoint, _) = stack.chat(false).await;
+    assert_eq!((status, endpoint.as_str()), (200, "onprem-a"));
+}

@@ -30,6 +30,56 @@ pub struct Behaviour {
     /// `completion_tokens_details.reasoning_tokens` and, as OpenAI does,
     /// included in `completion_tokens`.
     pub reasoning_tokens: u32,
+    /// How streamed events end their lines: `lf` (what OpenAI sends),
+    /// `crlf` or `cr`, all valid server-sent events.
+    pub sse_line_ending: LineEnding,
+    /// Send a comment event (`: keep-alive`) before every token, as
+    /// providers do to keep idle connections open.
+    pub sse_keep_alive: bool,
+}
+
+/// The line ending of streamed events.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LineEnding {
+    #[default]
+    Lf,
+    Crlf,
+    Cr,
+}
+
+impl LineEnding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineEnding::Lf => "\n",
+            LineEnding::Crlf => "\r\n",
+            LineEnding::Cr => "\r",
+        }
+    }
+
+    /// An event of one `data` line ended this way.
+    pub fn event(self, data: &str) -> String {
+        let eol = self.as_str();
+        format!("data: {data}{eol}{eol}")
+    }
+
+    /// A comment event.
+    pub fn comment(self, text: &str) -> String {
+        let eol = self.as_str();
+        format!(": {text}{eol}{eol}")
+    }
+}
+
+impl std::str::FromStr for LineEnding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lf" => Ok(LineEnding::Lf),
+            "crlf" => Ok(LineEnding::Crlf),
+            "cr" => Ok(LineEnding::Cr),
+            other => Err(format!("line ending must be lf, crlf or cr, not {other:?}")),
+        }
+    }
 }
 
 impl Default for Behaviour {
@@ -45,6 +95,8 @@ impl Default for Behaviour {
             drop_mid_stream_ratio: 0.0,
             cached_tokens: 0,
             reasoning_tokens: 0,
+            sse_line_ending: LineEnding::Lf,
+            sse_keep_alive: false,
         }
     }
 }

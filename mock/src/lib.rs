@@ -11,5 +11,5 @@
 mod behaviour;
 mod server;
 
-pub use behaviour::{Behaviour, Fault};
+pub use behaviour::{Behaviour, Fault, LineEnding};
 pub use server::{serve, MockConfig, MockError};

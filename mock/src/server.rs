@@ -290,10 +290,11 @@ async fn chat(
     tokio::spawn(async move {
         let _guard = guard;
         let _permit = permit;
+        let eol = b.sse_line_ending;
         let chunk = |delta: Value, finish: Value| {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            Bytes::from(format!("data: {v}\n\n"))
+            Bytes::from(eol.event(&v.to_string()))
         };
         let mut sent = String::new();
         if tx
@@ -316,6 +317,14 @@ async fn chat(
             if i > 0 && b.inter_token_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.inter_token_ms)).await;
             }
+            if b.sse_keep_alive
+                && tx
+                    .send(Ok(Bytes::from(eol.comment("keep-alive"))))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
             sent.push_str(t);
             if tx
                 .send(Ok(chunk(json!({"content": t}), Value::Null)))
@@ -331,9 +340,9 @@ async fn chat(
         if include_usage {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [], "usage": usage});
-            let _ = tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await;
+            let _ = tx.send(Ok(Bytes::from(eol.event(&v.to_string())))).await;
         }
-        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        let _ = tx.send(Ok(Bytes::from(eol.event("[DONE]")))).await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
