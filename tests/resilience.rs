@@ -143,15 +143,6 @@ async fn run(stack: &Arc<Stack>, n: usize, workers: usize) -> Vec<Answer> {
     all
 }
 
-/// Sums every series of a metric whose rendering starts with `prefix`.
-async fn metric_sum(stack: &Stack, prefix: &str) -> f64 {
-    let text = stack.metrics_text().await;
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The invariants every fault test shares: a success or a clear error for
 /// each request, no answer twice, attempts equal to first tries plus counted
 /// retries.
@@ -191,8 +182,8 @@ async fn check(stack: &Stack, answers: &[Answer], n: usize) {
         "every success was generated once"
     );
     let extra: u32 = answers.iter().map(|a| a.attempts - 1).sum();
-    let retries = metric_sum(stack, "switchyard_retries_total").await;
-    let hedges = metric_sum(stack, "switchyard_hedges_total").await;
+    let retries = stack.metric_sum("switchyard_retries_total", &[]).await;
+    let hedges = stack.metric_sum("switchyard_hedges_total", &[]).await;
     assert_eq!(
         f64::from(extra),
         retries + hedges,
@@ -270,7 +261,12 @@ async fn a_refused_connection_fails_over() {
     let answers = run(&stack, 40, 4).await;
     check(&stack, &answers, 40).await;
     assert_eq!(served_by(&answers, "burst-b"), 40, "{}", brief(&answers));
-    assert!(metric_sum(&stack, "switchyard_ejections_total{endpoint=\"onprem-a\"}").await >= 1.0);
+    assert!(
+        stack
+            .metric("switchyard_ejections_total", &[("endpoint", "onprem-a")])
+            .await
+            >= 1.0
+    );
     // Once ejected, the primary is skipped without an attempt.
     assert!(answers.iter().any(|a| a.attempts == 1));
 }
@@ -317,11 +313,17 @@ async fn a_429_throttles_the_endpoint_for_its_retry_after() {
     assert!((1..=4).contains(&hits), "primary hit {hits} times");
     // The throttle is visible, with the time it has left.
     let left = stack
-        .metric("switchyard_endpoint_cooldown_seconds{endpoint=\"onprem-a\",reason=\"throttled\"}")
+        .metric(
+            "switchyard_endpoint_cooldown_seconds",
+            &[("endpoint", "onprem-a"), ("reason", "throttled")],
+        )
         .await;
     assert!(left > 0.0 && left <= 30.0, "throttle left: {left}");
     let other = stack
-        .metric("switchyard_endpoint_cooldown_seconds{endpoint=\"burst-b\",reason=\"throttled\"}")
+        .metric(
+            "switchyard_endpoint_cooldown_seconds",
+            &[("endpoint", "burst-b"), ("reason", "throttled")],
+        )
         .await;
     assert_eq!(other, 0.0);
 }
@@ -456,7 +458,9 @@ async fn the_retry_budget_bounds_retries() {
         }
     }
     assert_eq!(
-        metric_sum(&stack, "switchyard_retry_budget_exhausted_total").await,
+        stack
+            .metric_sum("switchyard_retry_budget_exhausted_total", &[])
+            .await,
         20.0
     );
 }
@@ -490,7 +494,10 @@ async fn hedging_takes_the_first_answer_and_cancels_the_loser() {
     check(&stack, std::slice::from_ref(&a), 1).await;
     assert_eq!(
         stack
-            .metric("switchyard_hedges_cancelled_total{class=\"standard\",endpoint=\"onprem-a\"}")
+            .metric(
+                "switchyard_hedges_cancelled_total",
+                &[("class", "standard"), ("endpoint", "onprem-a")]
+            )
             .await,
         1.0
     );
@@ -548,7 +555,11 @@ async fn load_shedding_keeps_the_high_class_whole_and_sheds_the_low_one() {
         .collect();
     // Wait until the low flood is being shed before the high class starts.
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
-    while metric_sum(&stack, "switchyard_sheds_total{class=\"low\"").await < 1.0 {
+    while stack
+        .metric("switchyard_sheds_total", &[("class", "low")])
+        .await
+        < 1.0
+    {
         assert!(
             tokio::time::Instant::now() < end,
             "the low flood was never shed"
@@ -589,7 +600,9 @@ async fn load_shedding_keeps_the_high_class_whole_and_sheds_the_low_one() {
     }
     assert!(lows.iter().all(|a| a.status == 200 || a.status == 429));
     assert_eq!(
-        metric_sum(&stack, "switchyard_sheds_total{class=\"high\"").await,
+        stack
+            .metric("switchyard_sheds_total", &[("class", "high")])
+            .await,
         0.0
     );
 }
@@ -662,7 +675,10 @@ async fn degradation_routes_to_a_smaller_model_or_rejects_visibly() {
     assert_eq!(a.error_code().as_deref(), Some("degraded_reject"));
     assert_eq!(
         stack
-            .metric("switchyard_degraded_total{class=\"strict\",action=\"reject\"}")
+            .metric(
+                "switchyard_degraded_total",
+                &[("class", "strict"), ("action", "reject")]
+            )
             .await,
         1.0
     );

@@ -183,7 +183,23 @@ impl Metrics {
         })
     }
 
-    fn pair(
+    /// The counters of a (class, endpoint) pair, created at zero now.
+    pub fn pair(&self, class: &Arc<str>, endpoint: &Arc<str>) -> PairCounters {
+        let made = |family: &Counters| {
+            let cell = OnceLock::new();
+            let _ = cell.set(self.series(family, class, Some(endpoint), None));
+            cell
+        };
+        PairCounters {
+            retries: made(&self.retries),
+            fallbacks: made(&self.fallbacks),
+            hedges: made(&self.hedges),
+            hedges_cancelled: made(&self.hedges_cancelled),
+            requests: Default::default(),
+        }
+    }
+
+    fn series(
         &self,
         family: &Counters,
         class: &Arc<str>,
@@ -245,7 +261,7 @@ impl ClassCounters {
             Action::Hedge => (&pair.hedges, &m.hedges),
             Action::HedgeCancelled => (&pair.hedges_cancelled, &m.hedges_cancelled),
         };
-        slot.get_or_init(|| m.pair(family, &self.class, Some(endpoint), None))
+        slot.get_or_init(|| m.series(family, &self.class, Some(endpoint), None))
             .inc();
     }
 
@@ -262,11 +278,11 @@ impl ClassCounters {
             .and_then(|i| pair.requests.get(i))
         {
             Some(slot) => {
-                slot.get_or_init(|| m.pair(&m.requests, &self.class, name, Some(status)))
+                slot.get_or_init(|| m.series(&m.requests, &self.class, name, Some(status)))
                     .inc();
             }
             None => {
-                m.pair(&m.requests, &self.class, name, Some(status)).inc();
+                m.series(&m.requests, &self.class, name, Some(status)).inc();
             }
         }
     }

@@ -419,7 +419,19 @@ impl Table {
             classes.push(Class {
                 index: classes.len(),
                 counters: metrics.class(&name, degrade.as_ref().map(Degrade::label)),
-                pairs: endpoints.iter().map(|_| PairCounters::default()).collect(),
+                // The endpoints the class routes to show their counters at
+                // zero from the start; others (there are none today) would
+                // appear on first use.
+                pairs: endpoints
+                    .iter()
+                    .map(|e| {
+                        if chain.contains(&e.id) {
+                            metrics.pair(&name, &e.name)
+                        } else {
+                            PairCounters::default()
+                        }
+                    })
+                    .collect(),
                 name,
                 ttft_timeout: ms(c.ttft_timeout_ms, Duration::from_secs(10)).min(deadline),
                 inter_token_timeout: ms(c.inter_token_timeout_ms, INTER_TOKEN_TIMEOUT)

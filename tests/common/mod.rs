@@ -185,13 +185,39 @@ impl Stack {
             .expect("metrics text")
     }
 
-    /// The sidecar's `/metrics` value for a series (name and labels as
-    /// rendered), 0 when absent.
-    pub async fn metric(&self, series: &str) -> f64 {
+    /// The value of the sidecar's series `name` with exactly `labels`.
+    /// A series that is not there fails the test: a renamed metric must
+    /// not read as zero.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = self.metrics_text().await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+        let scrape = parse_metrics(&text);
+        let found: Vec<f64> = series(&scrape, name)
+            .filter(|s| s.labels.len() == labels.len())
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(value)
+            .collect();
+        match found[..] {
+            [v] => v,
+            _ => panic!("no single series {name}{labels:?} in /metrics:\n{text}"),
+        }
+    }
+
+    /// The sum of every series of `name` whose labels include `labels`.
+    /// The metric itself must be declared (a family with no series yet
+    /// sums to zero; a missing family fails the test).
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.metrics_text().await;
+        let scrape = parse_metrics(&text);
+        let declared = text.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .and_then(|t| t.split_whitespace().next())
+                .is_some_and(|family| name.starts_with(family))
+        });
+        assert!(declared, "{name} is not declared in /metrics:\n{text}");
+        series(&scrape, name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(value)
+            .sum()
     }
 
     pub fn chat_body(&self, stream: bool) -> serde_json::Value {
@@ -257,5 +283,41 @@ pub async fn wait_acked_above(control: SocketAddr, above: u64) -> u64 {
             "no ACK of a version above {above} within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Parses a `/metrics` page with a Prometheus text parser, strictly: every
+/// line is a HELP, TYPE or sample line it understands (or OpenMetrics'
+/// `# EOF`), and every sample belongs to a declared family.
+pub fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
+    use prometheus_parse::LineInfo;
+    let mut families: Vec<String> = Vec::new();
+    for line in text.lines() {
+        match LineInfo::parse(line) {
+            LineInfo::Type { metric_name, .. } => families.push(metric_name),
+            LineInfo::Sample { metric_name, .. } => assert!(
+                families.iter().any(|f| metric_name.starts_with(f.as_str())),
+                "sample of an undeclared family: {line}"
+            ),
+            LineInfo::Doc { .. } | LineInfo::Empty => {}
+            LineInfo::Ignored => assert_eq!(line, "# EOF", "unparsed /metrics line: {line:?}"),
+        }
+    }
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("metrics parse")
+}
+
+fn series<'a>(
+    s: &'a prometheus_parse::Scrape,
+    name: &'a str,
+) -> impl Iterator<Item = &'a prometheus_parse::Sample> {
+    s.samples.iter().filter(move |x| x.metric == name)
+}
+
+fn value(s: &prometheus_parse::Sample) -> f64 {
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{} is not a single value: {other:?}", s.metric),
     }
 }
