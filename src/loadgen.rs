@@ -3,7 +3,9 @@
 //! scheduled time, so a stall shows up in the numbers instead of hiding as
 //! coordinated omission.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -66,7 +68,7 @@ pub async fn open_loop(
             .await
             .unwrap_or((0, None));
             let latency = due.elapsed();
-            samples.lock().expect("samples").push(Sample {
+            samples.lock().push(Sample {
                 due: due - start,
                 latency,
                 status,
@@ -77,7 +79,7 @@ pub async fn open_loop(
     for t in tasks {
         let _ = t.await;
     }
-    let mut out = std::mem::take(&mut *samples.lock().expect("samples"));
+    let mut out = std::mem::take(&mut *samples.lock());
     out.sort_by_key(|s| s.due);
     out
 }
