@@ -26,7 +26,11 @@ fuzz_target!(|input: Input| {
         pos += n;
     }
     let complete = pos;
-    let mut cuts: Vec<usize> = input.cuts.iter().map(|c| usize::from(*c) % (bytes.len() + 1)).collect();
+    let mut cuts: Vec<usize> = input
+        .cuts
+        .iter()
+        .map(|c| usize::from(*c) % (bytes.len() + 1))
+        .collect();
     cuts.sort_unstable();
     cuts.push(bytes.len());
     let keep = |i: usize| (input.drops >> (i % 64)) & 1 == 0;
@@ -38,7 +42,11 @@ fuzz_target!(|input: Input| {
         let read = Bytes::copy_from_slice(&bytes[from..at]);
         from = at;
         let out = s.push(read, &mut |e| {
-            let v = if keep(judged) { Verdict::Pass } else { Verdict::Drop };
+            let v = if keep(judged) {
+                Verdict::Pass
+            } else {
+                Verdict::Drop
+            };
             let _ = switchyard_wire::sse::decode(e);
             judged += 1;
             v

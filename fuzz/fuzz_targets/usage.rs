@@ -18,10 +18,18 @@ struct Input {
 
 fuzz_target!(|input: Input| {
     let bytes = &input.answer;
-    let mut cuts: Vec<usize> = input.cuts.iter().map(|c| usize::from(*c) % (bytes.len() + 1)).collect();
+    let mut cuts: Vec<usize> = input
+        .cuts
+        .iter()
+        .map(|c| usize::from(*c) % (bytes.len() + 1))
+        .collect();
     cuts.sort_unstable();
     cuts.push(bytes.len());
-    let mut scan = if input.sse { UsageScan::sse(input.strip) } else { UsageScan::json() };
+    let mut scan = if input.sse {
+        UsageScan::sse(input.strip)
+    } else {
+        UsageScan::json()
+    };
     let mut passed = Vec::new();
     let mut from = 0;
     for at in cuts {
@@ -36,10 +44,18 @@ fuzz_target!(|input: Input| {
         assert!(passed.len() <= bytes.len());
     }
     if !input.sse {
-        assert_eq!(found, switchyard_wire::usage::of_answer(bytes).filter(|_| bytes.len() <= switchyard_wire::usage::MAX_SCANNED));
+        assert_eq!(
+            found,
+            switchyard_wire::usage::of_answer(bytes)
+                .filter(|_| bytes.len() <= switchyard_wire::usage::MAX_SCANNED)
+        );
     }
     if let Some(t) = found {
-        let p = switchyard_wire::usage::Prices { input: 1.0, cached_input: 0.5, output: 2.0 };
+        let p = switchyard_wire::usage::Prices {
+            input: 1.0,
+            cached_input: 0.5,
+            output: 2.0,
+        };
         let c = t.cost(&p);
         assert!(c.is_finite() && c >= 0.0);
     }
