@@ -1,8 +1,14 @@
 //! `switchyard`: one binary for every role: the sidecar, the control plane,
 //! the mock provider, the demo and the operator's admin calls.
+#![forbid(unsafe_code)]
 
 mod admin;
 mod demo;
+
+/// jemalloc with background purging: memory a burst took is given back
+/// to the system within seconds, which is what a pod's memory limit sees.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use self::attempt::{Attempt, AttemptError, Opened, Slot};
 use self::errors::RequestError;
 use self::hedge::Outcomes;
-use self::pick::{Facts, Next, Tried};
+use self::pick::{Next, Now, Tried};
 use crate::metrics::Action;
 use crate::proxy::{RequestCtx, Sidecar};
 use crate::table::{Class, Endpoint};
@@ -71,24 +71,6 @@ pub async fn serve(
             crate::reply::error(session, ctx, &e.to_api()).await
         }
         Err(Stop::Abort(e)) => Err(e),
-    }
-}
-
-/// What picking knows of a table endpoint for one request.
-struct Now {
-    at: StdInstant,
-    may_exceed_spend: bool,
-}
-
-impl Facts<Arc<Endpoint>> for Now {
-    fn id(&self, e: &Arc<Endpoint>) -> usize {
-        e.id
-    }
-    fn usable(&self, e: &Arc<Endpoint>) -> bool {
-        e.usable_for(self.at, self.may_exceed_spend)
-    }
-    fn cost(&self, e: &Arc<Endpoint>) -> f64 {
-        e.state.cost()
     }
 }
 

@@ -3,7 +3,11 @@
 //! the request knows of each endpoint (usable now? how loaded?) comes in
 //! as functions, so every order is tested without a clock or a socket.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use crate::balance::{pick_p2c, WeightedChoice};
+use crate::table::Endpoint;
 
 /// Attempts per request, hedges and stale-connection retries included.
 pub const MAX_ATTEMPTS: usize = 4;
@@ -45,6 +49,27 @@ pub trait Facts<T> {
     fn usable(&self, e: &T) -> bool;
     /// Load-weighted latency (lower is better).
     fn cost(&self, e: &T) -> f64;
+}
+
+/// What a request knows of a table's endpoints at one moment: the live
+/// state, read where the pure functions below ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    /// The request may go to endpoints over their spend budget.
+    pub may_exceed_spend: bool,
+}
+
+impl Facts<Arc<Endpoint>> for Now {
+    fn id(&self, e: &Arc<Endpoint>) -> usize {
+        e.id
+    }
+    fn usable(&self, e: &Arc<Endpoint>) -> bool {
+        e.usable_for(self.at, self.may_exceed_spend)
+    }
+    fn cost(&self, e: &Arc<Endpoint>) -> f64 {
+        e.state.cost()
+    }
 }
 
 /// The first endpoint: two weighted draws (`u[0]`, `u[1]`), the less loaded
