@@ -7,93 +7,35 @@
 //! with a bounded timeout. The tests share the machine's two cores, so they
 //! run one at a time.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
-use switchyard::cluster::{self, Proc};
+use common::{args, endpoint, header, log_tail, ControlConfig, Mock, Stack, MODEL};
+use parking_lot::Mutex;
 use switchyard_proto::v1 as pb;
 use tokio::time::Instant;
 
-const MODEL: &str = "llama-3-70b";
 const TOKEN: &str = "decide-test-token";
 
 /// One test at a time: each drives load through real processes.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_switchyard"))
-}
-
-fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
-}
-
-struct Mock {
-    name: &'static str,
-    addr: SocketAddr,
-    _proc: Proc,
-}
-
-impl Mock {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn configure(&self, http: &reqwest::Client, patch: serde_json::Value) {
-        let r = http
-            .post(self.url("/admin/config"))
-            .json(&patch)
-            .send()
-            .await
-            .expect("mock admin");
-        assert!(r.status().is_success(), "mock refused {patch}");
-    }
-
-    async fn stats(&self, http: &reqwest::Client) -> serde_json::Value {
-        http.get(self.url("/admin/stats"))
-            .send()
-            .await
-            .expect("mock stats")
-            .json()
-            .await
-            .expect("stats json")
-    }
-}
-
-struct Stack {
-    dir: PathBuf,
-    mocks: Vec<Mock>,
-    policy: PathBuf,
-    control: Proc,
-    control_addr: SocketAddr,
-    sidecar: Proc,
-    sidecar_addr: SocketAddr,
-    http: reqwest::Client,
-}
-
-/// A mock to start: name, tier, extra arguments.
-type MockSpec<'a> = (&'static str, &'a str, &'a [&'a str]);
-
-/// The policy's endpoint lines: price rises with position, and extra YAML
-/// per endpoint (capacity, metrics_url) comes from `extra`.
+/// The policy: the mocks as endpoints, price rising with position, the
+/// first from provider `lab` and the rest from `cloudco`; extra YAML per
+/// endpoint (capacity, metrics_url, budget) comes from `extra`, and the
+/// classes and routing from `tail`.
 fn policy_text(mocks: &[Mock], extra: &dyn Fn(&Mock) -> String, tail: &str) -> String {
     let mut y = String::from("default_class: standard\nendpoints:\n");
     for (i, m) in mocks.iter().enumerate() {
-        let tier = match i {
-            0 => "onprem",
-            1 => "burst",
-            _ => "fallback",
-        };
         y.push_str(&format!(
-            "  - name: {}\n    url: http://{}\n    tier: {tier}\n    models: [{MODEL}]\n    provider: {}\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n{}",
+            "  - name: {}\n    url: http://{}\n    tier: {}\n    models: [{MODEL}]\n    provider: {}\n    price: {{ input_per_mtok: {}, output_per_mtok: {} }}\n{}",
             m.name,
             m.addr,
+            m.tier,
             if i == 0 { "lab" } else { "cloudco" },
             i,
             i * 2,
@@ -104,186 +46,29 @@ fn policy_text(mocks: &[Mock], extra: &dyn Fn(&Mock) -> String, tail: &str) -> S
     y
 }
 
-impl Stack {
-    async fn start(
-        label: &str,
-        mocks: &[MockSpec<'_>],
-        extra: &dyn Fn(&Mock) -> String,
-        tail: &str,
-    ) -> Stack {
-        let dir = cluster::run_dir(label).expect("run dir");
-        let mut started = Vec::new();
-        for (name, tier, extra_args) in mocks {
-            let mut a = args(&["mock", "--name", name, "--tier", tier, "--model", MODEL]);
-            a.extend(args(extra_args));
-            let (proc, addr) = Proc::spawn_announced(bin(), &a, &dir, name)
-                .await
-                .expect("mock starts");
-            started.push(Mock {
-                name,
-                addr,
-                _proc: proc,
-            });
-        }
-        let policy = dir.join("policy.yaml");
-        cluster::write_atomic(&policy, &policy_text(&started, extra, tail)).expect("policy");
-        let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()
-            .unwrap();
-        let (sidecar, sidecar_addr) =
-            cluster::start_sidecar(bin(), &dir, control_addr, &["--id", label], &http)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        Stack {
-            dir,
-            mocks: started,
-            policy,
-            control,
-            control_addr,
-            sidecar,
-            sidecar_addr,
-            http,
-        }
-    }
-
-    fn mock(&self, name: &str) -> &Mock {
-        self.mocks.iter().find(|m| m.name == name).expect("mock")
-    }
-
-    async fn status(&self) -> pb::StatusResponse {
-        status(self.control_addr)
-            .await
-            .unwrap_or_else(|| panic!("no status\n{}", self.control.log_text()))
-    }
-
-    /// Polls `check` on fresh status every 50 ms until it returns `Some`.
-    async fn eventually<T>(
-        &self,
-        what: &str,
-        within: Duration,
-        mut check: impl FnMut(&pb::StatusResponse) -> Option<T>,
-    ) -> T {
-        let end = Instant::now() + within;
-        loop {
-            if let Some(s) = status(self.control_addr).await {
-                if let Some(v) = check(&s) {
-                    return v;
-                }
-                if Instant::now() > end {
-                    panic!(
-                        "{what}: not within {within:?}\nlast status: {s:#?}\n--- control log:\n{}",
-                        log_tail(&self.control.log_text())
-                    );
-                }
-            } else if Instant::now() > end {
-                panic!("{what}: no status within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until the sidecar routes on `version` or later.
-    async fn acked(&self, version: u64) {
-        self.eventually(
-            &format!("sidecar ACK of {version}"),
-            Duration::from_secs(20),
-            |s| {
-                s.sidecars
-                    .iter()
-                    .any(|c| c.connected && c.acked_version >= version)
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-
-    /// Runs the CLI against this control plane; returns stdout, or panics
-    /// with stderr when it fails.
-    async fn cli(&self, a: &[&str], token: &str) -> Result<String, String> {
-        let mut full = args(&["admin"]);
-        full.extend(args(a));
-        full.extend(args(&["--control", &self.control_addr.to_string()]));
-        let out = tokio::process::Command::new(bin())
-            .args(&full)
-            .env("SWITCHYARD_ADMIN_TOKEN", token)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .await
-            .expect("cli runs");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
-    }
+/// Mocks `(name, tier, extra mock args)` behind a sidecar and a control
+/// plane that decides every 200 ms and wants the admin token; the policy
+/// is `policy_text`'s.
+async fn start_stack(
+    label: &str,
+    mocks: &[(&str, &str, &[&str])],
+    extra: &dyn Fn(&Mock) -> String,
+    tail: &str,
+) -> Stack {
+    let control = ControlConfig {
+        extra: args(&["--interval-ms", "200"]),
+        admin_token: Some(TOKEN.into()),
+    };
+    Stack::start_with_control(label, mocks, |m| policy_text(m, extra, tail), &control, &[]).await
 }
 
-fn log_tail(log: &str) -> &str {
-    &log[log.len().saturating_sub(6000)..]
-}
-
-async fn start_control(dir: &Path, policy: &Path, listen: &str) -> (Proc, SocketAddr) {
-    let state = dir.join("state");
-    let a = args(&[
-        "control",
-        "--listen",
-        listen,
-        "--policy",
-        policy.to_str().unwrap(),
-        "--reload-ms",
-        "100",
-        "--interval-ms",
-        "200",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--admin-token",
-        TOKEN,
-    ]);
-    Proc::spawn_announced(bin(), &a, dir, "control")
-        .await
-        .expect("control plane starts")
-}
-
-/// Adds the admin token to every call.
-struct Bearer;
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        Ok(r)
-    }
-}
-
-async fn status(addr: SocketAddr) -> Option<pb::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .ok()?;
-    let mut c = pb::admin_client::AdminClient::with_interceptor(channel, Bearer);
-    c.status(pb::StatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
+/// `endpoint`'s weight in the class `standard`; 0 when it has none.
 fn weight(s: &pb::StatusResponse, endpoint: &str) -> f64 {
     s.endpoints
         .iter()
         .find(|e| e.name == endpoint)
         .and_then(|e| e.weights.iter().find(|w| w.class == "standard"))
         .map_or(0.0, |w| w.weight)
-}
-
-fn endpoint<'a>(s: &'a pb::StatusResponse, name: &str) -> &'a pb::EndpointStatus {
-    s.endpoints
-        .iter()
-        .find(|e| e.name == name)
-        .expect("endpoint in status")
 }
 
 #[derive(Clone, Debug)]
@@ -307,7 +92,7 @@ impl Load {
         let active = Arc::new(AtomicUsize::new(active));
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
-        let url = format!("http://{}/v1/chat/completions", stack.sidecar_addr);
+        let url = stack.url("/v1/chat/completions");
         let body = serde_json::json!({
             "model": MODEL,
             "messages": [{"role": "user", "content": "hello"}],
@@ -327,12 +112,7 @@ impl Load {
                         let r = http.post(&url).json(&body).send().await;
                         let (status, endpoint) = match r {
                             Ok(r) => {
-                                let ep = r
-                                    .headers()
-                                    .get("x-switchyard-endpoint")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_string();
+                                let ep = header(&r, "x-switchyard-endpoint");
                                 let status = r.status().as_u16();
                                 let _ = r.bytes().await;
                                 (status, ep)
@@ -424,7 +204,7 @@ async fn latency_past_the_sla_moves_traffic_away_and_back_gradually() {
     let tail = format!(
         "{SLA_TAIL}routing:\n  window_ms: 3000\n  min_requests: 5\n  exploration: 0.05\n  max_step: 0.15\n  hysteresis: 0.01\n  min_ejection_ms: 4000\n"
     );
-    let stack = Stack::start(
+    let stack = start_stack(
         "latency",
         &[
             ("gpu", "onprem", &["--ttft-ms", "20"]),
@@ -522,7 +302,7 @@ async fn on_prem_saturation_bursts_and_falls_back_when_load_drops() {
         "{SLA_TAIL}    ttft_p95_ms: 2000\nrouting:\n  window_ms: 3000\n  exploration: 0\n  burst_utilisation: 0.75\n  max_step: 0.2\n  hysteresis: 0.02\n"
     )
     .replace("    ttft_p95_ms: 250\n", "");
-    let stack = Stack::start(
+    let stack = start_stack(
         "saturation",
         &[
             ("gpu", "onprem", &["--ttft-ms", "120", "--capacity", "4"]),
@@ -557,7 +337,7 @@ async fn on_prem_saturation_bursts_and_falls_back_when_load_drops() {
     let t3 = load.collect(t2, 100, Duration::from_secs(2)).await;
     let (by, n) = load.counts(t2, t3);
     assert!(share(&by, n, "cloud") > 0.5, "{by:?}");
-    let s = stack.status().await;
+    let s = stack.expect_status().await;
     let gpu = endpoint(&s, "gpu");
     assert!(
         gpu.queue_waiting >= 0.0,
@@ -587,7 +367,7 @@ async fn on_prem_saturation_bursts_and_falls_back_when_load_drops() {
 async fn a_killed_endpoint_gets_no_request_once_acked_and_the_audit_log_says_so() {
     let _serial = SERIAL.lock().await;
     let tail = format!("{SLA_TAIL}routing:\n  window_ms: 3000\n  exploration: 0.1\n");
-    let stack = Stack::start(
+    let stack = start_stack(
         "kill",
         &[
             ("gpu", "onprem", &["--ttft-ms", "20"]),
@@ -639,16 +419,16 @@ async fn a_killed_endpoint_gets_no_request_once_acked_and_the_audit_log_says_so(
         assert!(Instant::now() < end, "gpu never went idle");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let before = gpu.stats(&stack.http).await["requests"].as_u64().unwrap();
+    let before = gpu.requests(&stack.http).await;
     let t1 = Instant::now();
     let t2 = load.collect(t1, 150, Duration::from_millis(1500)).await;
-    let after = gpu.stats(&stack.http).await["requests"].as_u64().unwrap();
+    let after = gpu.requests(&stack.http).await;
     assert_eq!(after, before, "a request reached the killed endpoint");
     let (by, _) = load.counts(acked_at, t2);
     assert_eq!(by.get("gpu"), None, "{by:?}");
     assert!(load.failures_since(acked_at).is_empty());
 
-    let s = stack.status().await;
+    let s = stack.expect_status().await;
     let g = endpoint(&s, "gpu");
     assert!(g.killed && g.weights.is_empty(), "{g:?}");
     assert_eq!(g.switched_off_reason, "GPU node fails ECC checks");
@@ -679,7 +459,7 @@ async fn a_restarted_control_plane_keeps_switches_audit_and_decision_and_resumes
     let tail = format!(
         "{SLA_TAIL}routing:\n  window_ms: 3000\n  min_requests: 5\n  exploration: 0\n  max_step: 0.25\n  min_ejection_ms: 6000\n"
     );
-    let mut stack = Stack::start(
+    let mut stack = start_stack(
         "restart",
         &[
             ("gpu", "onprem", &["--ttft-ms", "600"]),
@@ -732,17 +512,9 @@ async fn a_restarted_control_plane_keeps_switches_audit_and_decision_and_resumes
     );
     let audit_before = stack.cli(&["audit", "--json"], TOKEN).await.unwrap();
 
-    stack
-        .control
-        .stop(Duration::from_secs(5))
-        .await
-        .expect("control stops");
-    let (control, addr) =
-        start_control(&stack.dir, &stack.policy, &stack.control_addr.to_string()).await;
-    stack.control = control;
-    assert_eq!(addr, stack.control_addr);
+    stack.restart_control().await;
 
-    let after = stack.status().await;
+    let after = stack.expect_status().await;
     assert!(after.table_version > before.table_version);
     assert!(killed(&after), "kills survive the restart: {after:#?}");
     let gpu = endpoint(&after, "gpu");
@@ -800,7 +572,7 @@ async fn a_restarted_control_plane_keeps_switches_audit_and_decision_and_resumes
 async fn ask_class(stack: &Stack, class: &str) -> (u16, String, String, serde_json::Value) {
     let r = stack
         .http
-        .post(format!("http://{}/v1/chat/completions", stack.sidecar_addr))
+        .post(stack.url("/v1/chat/completions"))
         .header("x-switchyard-class", class)
         .json(&serde_json::json!({
             "model": MODEL,
@@ -809,17 +581,10 @@ async fn ask_class(stack: &Stack, class: &str) -> (u16, String, String, serde_js
         .send()
         .await
         .expect("the sidecar answers");
-    let h = |k: &str| {
-        r.headers()
-            .get(k)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
     let (status, ep, degraded) = (
         r.status().as_u16(),
-        h("x-switchyard-endpoint"),
-        h("x-switchyard-degraded"),
+        header(&r, "x-switchyard-endpoint"),
+        header(&r, "x-switchyard-degraded"),
     );
     (status, ep, degraded, r.json().await.expect("JSON answer"))
 }
@@ -849,7 +614,7 @@ classes:
 routing:
   exploration: 0
 ";
-    let mut stack = Stack::start(
+    let mut stack = start_stack(
         "budget",
         &[("gpu", "onprem", &[]), ("cloud", "burst", &[])],
         &|m| {
@@ -887,9 +652,7 @@ routing:
     assert_eq!(weight(&s, "cloud"), 0.0, "{s:#?}");
     assert_eq!(weight(&s, "gpu"), 1.0, "{s:#?}");
     stack.acked(s.table_version).await;
-    let cloud_before = stack.mock("cloud").stats(&stack.http).await["requests"]
-        .as_u64()
-        .unwrap();
+    let cloud_before = stack.mock("cloud").requests(&stack.http).await;
 
     // Pinned to cloud, the class moves to gpu, within budget.
     let (status, ep, degraded, _) = ask_class(&stack, "standard").await;
@@ -917,41 +680,31 @@ routing:
         (503, Some("over_budget")),
         "{body}"
     );
-    let metrics = stack
-        .http
-        .get(format!("http://{}/metrics", stack.sidecar_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for line in [
-        "switchyard_over_budget_rejections_total{class=\"plain\"} 1",
-        "switchyard_degraded_total{class=\"rejecting\",action=\"reject\"} 1",
-        "switchyard_degraded_total{class=\"capped\",action=\"cap-max-tokens\"} 1",
+    for (name, labels) in [
+        (
+            "switchyard_over_budget_rejections_total",
+            &[("class", "plain")][..],
+        ),
+        (
+            "switchyard_degraded_total",
+            &[("class", "rejecting"), ("action", "reject")],
+        ),
+        (
+            "switchyard_degraded_total",
+            &[("class", "capped"), ("action", "cap-max-tokens")],
+        ),
     ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        assert_eq!(stack.metric(name, labels).await, 1.0, "{name}{labels:?}");
     }
-    let cloud_after = stack.mock("cloud").stats(&stack.http).await["requests"]
-        .as_u64()
-        .unwrap();
+    let cloud_after = stack.mock("cloud").requests(&stack.http).await;
     assert_eq!(cloud_after, cloud_before + 1, "only the capped request");
 
     let text = stack.cli(&["status"], TOKEN).await.expect("status");
     assert!(text.contains("over budget: spent $"), "{text}");
 
     // The ledger is durable: a restarted control plane starts out knowing.
-    stack
-        .control
-        .stop(Duration::from_secs(5))
-        .await
-        .expect("control stops");
-    let (control, addr) =
-        start_control(&stack.dir, &stack.policy, &stack.control_addr.to_string()).await;
-    stack.control = control;
-    assert_eq!(addr, stack.control_addr);
-    let after = stack.status().await;
+    stack.restart_control().await;
+    let after = stack.expect_status().await;
     let cloud = endpoint(&after, "cloud");
     assert!(!cloud.over_budget.is_empty(), "{cloud:?}");
     assert!(cloud.spend_last_hour_usd > 0.00001, "{cloud:?}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use switchyard::cluster::{self, PolicyEndpoint, Proc};
 use switchyard_proto::v1 as pb;
+use tokio::time::Instant;
 
 pub const MODEL: &str = "llama-3-70b";
 
@@ -76,12 +77,34 @@ impl Mock {
     }
 }
 
+/// How a control plane runs, beyond `--listen`, `--policy`, `--state-dir`
+/// (`state` in the run directory) and `--reload-ms 100`.
+#[derive(Clone, Debug, Default)]
+pub struct ControlConfig {
+    /// More flags, such as `--interval-ms 200`.
+    pub extra: Vec<String>,
+    /// Passed as `--admin-token`; a stack's admin calls send it.
+    pub admin_token: Option<String>,
+}
+
+impl ControlConfig {
+    fn flags(&self) -> Vec<String> {
+        let mut f = args(&["--reload-ms", "100"]);
+        f.extend(self.extra.iter().cloned());
+        if let Some(token) = &self.admin_token {
+            f.extend(args(&["--admin-token", token]));
+        }
+        f
+    }
+}
+
 pub struct Stack {
     pub dir: PathBuf,
     pub mocks: Vec<Mock>,
     pub policy: PathBuf,
     pub control: Proc,
     pub control_addr: SocketAddr,
+    pub control_config: ControlConfig,
     pub sidecar: Proc,
     pub sidecar_addr: SocketAddr,
     pub http: reqwest::Client,
@@ -128,6 +151,18 @@ impl Stack {
         policy: impl FnOnce(&[Mock]) -> String,
         sidecar_extra: &[&str],
     ) -> Stack {
+        let control = ControlConfig::default();
+        Self::start_with_control(label, mocks, policy, &control, sidecar_extra).await
+    }
+
+    /// Like `start_with`, with the control plane run as `control` says.
+    pub async fn start_with_control(
+        label: &str,
+        mocks: &[(&str, &str, &[&str])],
+        policy: impl FnOnce(&[Mock]) -> String,
+        control: &ControlConfig,
+        sidecar_extra: &[&str],
+    ) -> Stack {
         let dir = cluster::run_dir(label).expect("run dir");
         let mut started = Vec::new();
         for (name, tier, extra) in mocks {
@@ -136,7 +171,9 @@ impl Stack {
         let text = policy(&started);
         let policy = dir.join("policy.yaml");
         cluster::write_atomic(&policy, &text).expect("policy");
-        let (control, control_addr) = start_control(&dir, &policy, "127.0.0.1:0").await;
+        let control_config = control.clone();
+        let (control, control_addr) =
+            start_control_with(&dir, &policy, "127.0.0.1:0", &control_config).await;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(128)
             .build()
@@ -153,6 +190,7 @@ impl Stack {
             policy,
             control,
             control_addr,
+            control_config,
             sidecar,
             sidecar_addr,
             http,
@@ -163,14 +201,112 @@ impl Stack {
         format!("http://{}{path}", self.sidecar_addr)
     }
 
+    pub fn mock(&self, name: &str) -> &Mock {
+        self.mocks
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no mock {name}"))
+    }
+
+    /// The token the control plane's admin API wants, if it wants one.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.control_config.admin_token.as_deref()
+    }
+
     pub async fn status(&self) -> Option<pb::StatusResponse> {
-        status(self.control_addr).await
+        status_with(self.control_addr, self.admin_token()).await
+    }
+
+    /// The control plane's status; a control plane that does not answer
+    /// fails the test, with its log.
+    pub async fn expect_status(&self) -> pb::StatusResponse {
+        self.status()
+            .await
+            .unwrap_or_else(|| panic!("no status\n{}", self.control.log_text()))
+    }
+
+    /// Polls `check` on fresh status every 50 ms until it returns `Some`;
+    /// fails the test, with the last status and the control plane's log,
+    /// when `within` passes first.
+    pub async fn eventually<T>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut check: impl FnMut(&pb::StatusResponse) -> Option<T>,
+    ) -> T {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status().await {
+                if let Some(v) = check(&s) {
+                    return v;
+                }
+                if Instant::now() > end {
+                    panic!(
+                        "{what}: not within {within:?}\nlast status: {s:#?}\n--- control log:\n{}",
+                        log_tail(&self.control.log_text())
+                    );
+                }
+            } else if Instant::now() > end {
+                panic!("{what}: no status within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the sidecar routes on `version` or later.
+    pub async fn acked(&self, version: u64) {
+        self.eventually(
+            &format!("sidecar ACK of {version}"),
+            Duration::from_secs(20),
+            |s| {
+                s.sidecars
+                    .iter()
+                    .any(|c| c.connected && c.acked_version >= version)
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     /// Waits until the sidecar ACKed the control plane's current version;
     /// returns that version.
     pub async fn wait_acked_above(&self, above: u64) -> u64 {
-        wait_acked_above(self.control_addr, above).await
+        wait_acked_above(self.control_addr, self.admin_token(), above).await
+    }
+
+    /// Stops the control plane (SIGTERM, SIGKILL after 5 s) and starts it
+    /// again on the same address, with the same flags and state directory.
+    pub async fn restart_control(&mut self) {
+        self.control
+            .stop(Duration::from_secs(5))
+            .await
+            .expect("control stops");
+        let listen = self.control_addr.to_string();
+        let (control, addr) =
+            start_control_with(&self.dir, &self.policy, &listen, &self.control_config).await;
+        self.control = control;
+        assert_eq!(addr, self.control_addr);
+    }
+
+    /// Runs `switchyard admin ARGS --control ADDR` against this control
+    /// plane with `token` in `SWITCHYARD_ADMIN_TOKEN`; returns stdout, or
+    /// stderr when the command fails.
+    pub async fn cli(&self, a: &[&str], token: &str) -> Result<String, String> {
+        let mut full = args(&["admin"]);
+        full.extend(args(a));
+        full.extend(args(&["--control", &self.control_addr.to_string()]));
+        let out = tokio::process::Command::new(bin())
+            .args(&full)
+            .env("SWITCHYARD_ADMIN_TOKEN", token)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .await
+            .expect("cli runs");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
     }
 
     /// The sidecar's whole `/metrics` page.
@@ -239,37 +375,84 @@ impl Stack {
             .await
             .expect("sidecar answers");
         let status = r.status().as_u16();
-        let endpoint = r
-            .headers()
-            .get("x-switchyard-endpoint")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let endpoint = header(&r, "x-switchyard-endpoint");
         let body = r.text().await.expect("body");
         (status, endpoint, body)
     }
 }
 
+/// A header of `r` as text; empty when it is missing or not text.
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The last 6000 bytes of a log, for a failure message.
+pub fn log_tail(log: &str) -> &str {
+    let mut from = log.len().saturating_sub(6000);
+    while !log.is_char_boundary(from) {
+        from += 1;
+    }
+    &log[from..]
+}
+
+/// The endpoint `name` in a status answer; a missing one fails the test.
+pub fn endpoint<'a>(s: &'a pb::StatusResponse, name: &str) -> &'a pb::EndpointStatus {
+    s.endpoints
+        .iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no endpoint {name} in status"))
+}
+
 pub async fn start_control(dir: &Path, policy: &Path, listen: &str) -> (Proc, SocketAddr) {
-    cluster::start_control(bin(), dir, policy, listen, &["--reload-ms", "100"])
+    start_control_with(dir, policy, listen, &ControlConfig::default()).await
+}
+
+pub async fn start_control_with(
+    dir: &Path,
+    policy: &Path,
+    listen: &str,
+    config: &ControlConfig,
+) -> (Proc, SocketAddr) {
+    let flags = config.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    cluster::start_control(bin(), dir, policy, listen, &flags)
         .await
         .expect("control plane starts")
 }
 
 pub async fn status(control: SocketAddr) -> Option<pb::StatusResponse> {
-    let mut c = pb::admin_client::AdminClient::connect(format!("http://{control}"))
+    status_with(control, None).await
+}
+
+/// The control plane's status, asked with `token` as the bearer token when
+/// one is given; `None` when it does not answer or refuses.
+pub async fn status_with(control: SocketAddr, token: Option<&str>) -> Option<pb::StatusResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
         .await
         .ok()?;
-    c.status(pb::StatusRequest {})
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    if let Some(token) = token {
+        let bearer = format!("Bearer {token}").parse().ok()?;
+        request.metadata_mut().insert("authorization", bearer);
+    }
+    pb::admin_client::AdminClient::new(channel)
+        .status(request)
         .await
         .ok()
         .map(|r| r.into_inner())
 }
 
-pub async fn wait_acked_above(control: SocketAddr, above: u64) -> u64 {
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+pub async fn wait_acked_above(control: SocketAddr, token: Option<&str>, above: u64) -> u64 {
+    let end = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(s) = status(control).await {
+        if let Some(s) = status_with(control, token).await {
             if s.table_version > above
                 && s.sidecars
                     .iter()
@@ -279,7 +462,7 @@ pub async fn wait_acked_above(control: SocketAddr, above: u64) -> u64 {
             }
         }
         assert!(
-            tokio::time::Instant::now() < end,
+            Instant::now() < end,
             "no ACK of a version above {above} within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
