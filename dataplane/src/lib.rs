@@ -31,7 +31,7 @@ pub mod usage;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 
-use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use switchyard_proto::v1 as pb;
 use switchyard_rtt::{RttSample, RttSource};
@@ -94,13 +93,8 @@ impl RttView {
     /// Shows the source an upstream connection the forward step just got
     /// from the pool (`reused`) or opened. Only TCP_INFO reads it: always
     /// when fresh, at most once a second per peer when pooled.
-    pub fn observe(&self, session: &HttpSession, peer: &HttpPeer, reused: bool) {
+    pub fn observe(&self, stream: &pingora::protocols::Stream, peer: &HttpPeer, reused: bool) {
         let Some(addr) = peer._address.as_inet() else {
-            return;
-        };
-        // HTTP/1 only: an HTTP/2 session does not expose its stream, and
-        // the sidecar speaks HTTP/1 upstream.
-        let Some(stream) = session.stream() else {
             return;
         };
         let Some(l4) = stream
@@ -125,9 +119,9 @@ pub fn install(view: Arc<RttView>) {
 
 /// [`RttView::observe`] on the installed view; nothing before `install`
 /// (unit tests).
-pub fn observe_upstream(session: &HttpSession, peer: &HttpPeer, reused: bool) {
+pub fn observe_upstream(stream: &pingora::protocols::Stream, peer: &HttpPeer, reused: bool) {
     if let Some(v) = VIEW.get() {
-        v.observe(session, peer, reused);
+        v.observe(stream, peer, reused);
     }
 }
 

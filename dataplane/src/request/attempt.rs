@@ -13,14 +13,15 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header;
 use parking_lot::Mutex;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession;
 use pingora::time::fast_timeout::fast_timeout;
 use pingora::ErrorType;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::health::EndpointState;
@@ -123,25 +124,8 @@ impl<'a> Attempt<'a, '_> {
         let slot = Slot::take(&ep.state, self.queue);
         let start = Instant::now();
         let ttft_deadline = (start + self.ttft).min(self.deadline);
-        let req = upstream_request(self.app, ep, self.body.len()).map_err(|e| {
-            (
-                AttemptError::Broken {
-                    reason: e.to_string(),
-                    stale: false,
-                },
-                Duration::ZERO,
-            )
-        })?;
-        match open(
-            self.connector,
-            ep,
-            req,
-            self.body.clone(),
-            start,
-            ttft_deadline,
-        )
-        .await
-        {
+        let request = upstream_request(self.app, ep, self.body);
+        match open(self.connector, ep, request, start, ttft_deadline).await {
             Ok(o) => Ok((o, slot)),
             Err(e) => Err((e, start.elapsed())),
         }
@@ -160,25 +144,22 @@ fn is_connect(e: &pingora::Error) -> bool {
     )
 }
 
-/// Sends `req` with `body` to `ep` and waits for the first body chunk until
-/// `ttft_deadline`.
+/// Sends `request` (head and body, see [`upstream_request`]) to `ep` and
+/// waits for the first body chunk until `ttft_deadline`.
 async fn open(
     connector: &Connector,
     ep: &Endpoint,
-    req: Box<RequestHeader>,
-    body: Bytes,
+    request: BytesMut,
     started: Instant,
     ttft_deadline: Instant,
 ) -> Result<Opened, AttemptError> {
     let wait = ttft_deadline.saturating_duration_since(started);
-    let timed_out = || AttemptError::Timeout(wait);
     // One timer for the whole exchange, connect included.
     let exchange = async {
-        let (mut session, reused) = connector
+        let (session, reused) = connector
             .get_http_session(&ep.peer)
             .await
             .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        crate::rtt::observe_upstream(&session, &ep.peer, reused);
         let broken = |e: Box<pingora::Error>| {
             if is_connect(&e) {
                 AttemptError::Connect(e.to_string())
@@ -189,24 +170,32 @@ async fn open(
                 }
             }
         };
-        session.write_request_header(req).await.map_err(broken)?;
-        session
-            .write_request_body(body, true)
-            .await
-            .map_err(broken)?;
-        session.finish_request_body().await.map_err(broken)?;
+        // The request goes out in one write, head and body together:
+        // pingora's client would send the head and the body in two, and
+        // on loopback each send costs the sender the receiver's TCP work.
+        let mut stream = session.into_inner();
+        crate::rtt::observe_upstream(&stream, &ep.peer, reused);
+        let sent = async {
+            stream.write_all(&request).await?;
+            stream.flush().await
+        };
+        sent.await.map_err(|e| AttemptError::Broken {
+            reason: format!("sending the request: {e}"),
+            stale: reused,
+        })?;
+        let mut session = HttpSession::new_with_options(stream, &ep.peer);
         // Interim answers (100, 103) come before the real one.
         loop {
-            session.read_response_header().await.map_err(broken)?;
+            session.read_response().await.map_err(broken)?;
             let interim = session
-                .response_header()
+                .resp_header()
                 .map(|h| h.status.as_u16())
                 .is_some_and(|s| (100..200).contains(&s) && s != 101);
             if !interim {
                 break;
             }
         }
-        if let Some(h) = session.response_header() {
+        if let Some(h) = session.resp_header() {
             let status = h.status.as_u16();
             if status == 429 || status >= 500 {
                 return Err(AttemptError::Status {
@@ -218,7 +207,7 @@ async fn open(
         // Past this point the upstream spoke, so a failure is no longer a
         // stale pooled connection.
         let first = session
-            .read_response_body()
+            .read_body_bytes()
             .await
             .map_err(|e| AttemptError::Broken {
                 reason: e.to_string(),
@@ -228,9 +217,9 @@ async fn open(
     };
     let (session, first) = fast_timeout(wait, exchange)
         .await
-        .map_err(|_| timed_out())??;
+        .map_err(|_| AttemptError::Timeout(wait))??;
     let header = session
-        .response_header()
+        .resp_header()
         .cloned()
         .ok_or_else(|| AttemptError::Broken {
             reason: "no response header".into(),
@@ -305,31 +294,37 @@ fn forwarded(name: &str, app: &http::HeaderMap, has_connection: bool) -> bool {
         || (has_connection && connection_lists(app, name)))
 }
 
-/// The request to send to `ep`: the app's headers that may be forwarded,
-/// the endpoint's path and host, the body's length, and the endpoint's
-/// credential.
-pub fn upstream_request(
-    app: &RequestHeader,
-    ep: &Endpoint,
-    body_len: usize,
-) -> pingora::Result<Box<RequestHeader>> {
-    let mut req = RequestHeader::build_no_case(
-        http::Method::POST,
-        &ep.chat_path[..],
-        Some(app.headers.len() + 3),
-    )?;
+/// The request to send to `ep`, serialised whole: the request line with
+/// the endpoint's path, its host, the app's headers that may be forwarded,
+/// the body's length, the endpoint's credential, and the body. Header
+/// names and values are what `http` validated (no CR or LF can be in them);
+/// the path comes from the endpoint's parsed URL.
+pub fn upstream_request(app: &RequestHeader, ep: &Endpoint, body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(256 + body.len() + 32 * app.headers.len());
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(&ep.chat_path);
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(ep.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
     let has_connection = app.headers.contains_key(header::CONNECTION);
     for (name, value) in app.headers.iter() {
         if forwarded(name.as_str(), &app.headers, has_connection) {
-            req.append_header(name.clone(), value.clone())?;
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
     }
-    req.insert_header(header::HOST, ep.authority.clone())?;
-    req.insert_header(header::CONTENT_LENGTH, body_len)?;
     if let Some(auth) = &ep.authorization {
-        req.insert_header(header::AUTHORIZATION, auth.clone())?;
+        out.extend_from_slice(b"authorization: ");
+        out.extend_from_slice(auth.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    Ok(Box::new(req))
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 #[cfg(test)]
@@ -365,6 +360,74 @@ mod tests {
             .filter(|k| forwarded(k, &a.headers, has))
             .collect();
         assert_eq!(kept, ["content-type", "x-request-id"]);
+    }
+
+    fn endpoint(auth: Option<&str>) -> Endpoint {
+        let name: std::sync::Arc<str> = std::sync::Arc::from("gpu");
+        Endpoint {
+            id: 0,
+            name_header: http::HeaderValue::from_static("gpu"),
+            tier: "onprem",
+            peer: pingora::upstreams::peer::HttpPeer::new(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+                false,
+                String::new(),
+            ),
+            authority: http::HeaderValue::from_static("gpu.internal:8000"),
+            chat_path: Bytes::from_static(b"/openai/v1/chat/completions"),
+            prices: Default::default(),
+            authorization: auth.map(|a| http::HeaderValue::from_str(a).unwrap()),
+            capacity: 0,
+            over_spend_budget: false,
+            state: crate::health::Endpoints::default().get("gpu"),
+            ejections: crate::metrics::Metrics::new().ejections(&name),
+            name,
+        }
+    }
+
+    #[test]
+    fn the_upstream_request_is_one_http_1_1_message_with_the_endpoints_path_host_and_key() {
+        let a = app(&[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer app-key"),
+            ("x-switchyard-class", "batch"),
+            ("host", "sidecar:8080"),
+            ("content-length", "999"),
+            ("x-request-id", "r1"),
+        ]);
+        let body = br#"{"model":"m"}"#;
+        let req = upstream_request(&a, &endpoint(Some("Bearer sk-provider")), body);
+        let text = String::from_utf8(req.to_vec()).unwrap();
+        let (head, sent_body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(sent_body.as_bytes(), body);
+        let mut lines = head.split("\r\n");
+        assert_eq!(
+            lines.next(),
+            Some("POST /openai/v1/chat/completions HTTP/1.1")
+        );
+        let headers: Vec<&str> = lines.collect();
+        assert_eq!(
+            headers,
+            [
+                "host: gpu.internal:8000",
+                "content-type: application/json",
+                "x-request-id: r1",
+                "authorization: Bearer sk-provider",
+                "content-length: 13",
+            ]
+        );
+        // It parses as what it says, by an HTTP parser.
+        let mut parsed = [httparse::EMPTY_HEADER; 16];
+        let mut r = httparse::Request::new(&mut parsed);
+        let len = r.parse(&req).unwrap().unwrap();
+        assert_eq!(
+            (r.method, r.path),
+            (Some("POST"), Some("/openai/v1/chat/completions"))
+        );
+        assert_eq!(req.len() - len, body.len());
+        // Without a credential the app's is still not forwarded.
+        let req = upstream_request(&a, &endpoint(None), body);
+        assert!(!String::from_utf8_lossy(&req).contains("authorization"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use http::header;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
 use pingora::{Error, ErrorType};
@@ -132,7 +132,7 @@ fn coalesce(
         // pingora's body reader keeps its parse state across a dropped
         // read (a pending read has consumed nothing), so polling once and
         // giving up is safe.
-        match up.read_response_body().now_or_never() {
+        match up.read_body_bytes().now_or_never() {
             None => break,
             Some(Ok(Some(chunk))) => {
                 let more = scan.pass(chunk);
@@ -176,7 +176,7 @@ pub async fn relay(
     } else {
         UsageScan::json()
     };
-    let mut done = up.response_done();
+    let mut done = up.is_body_done();
     let mut error = None;
     let result = async {
         let mut resp = response_header(&up_header, stamp).map_err(Stop::Abort)?;
@@ -223,7 +223,7 @@ pub async fn relay(
             let wait = how.inter_token.min(to_deadline);
             let next = match held.take() {
                 Some(read) => Ok(read),
-                None => fast_timeout(wait, up.read_response_body()).await,
+                None => fast_timeout(wait, up.read_body_bytes()).await,
             };
             let reason = match next {
                 Ok(Ok(Some(chunk))) => {
