@@ -8,9 +8,10 @@
 //! Run: `cargo bench --bench fanout` (optionally `-- --sidecars N --rounds R`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use switchyard::cluster::{self, Proc};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::watch_request::Kind;
@@ -54,7 +55,7 @@ async fn sidecar(
             })),
         })
         .await?;
-        *acks.last[i].lock().unwrap() = (version, Instant::now());
+        *acks.last[i].lock() = (version, Instant::now());
         if first {
             first = false;
             acks.connected.fetch_add(1, Ordering::SeqCst);
@@ -138,7 +139,7 @@ async fn settle(
         let mut last = start;
         let mut all = true;
         for a in &acks.last {
-            let (av, at) = *a.lock().unwrap();
+            let (av, at) = *a.lock();
             if av < v {
                 all = false;
                 break;
@@ -295,12 +296,12 @@ async fn run(n: usize, rounds: usize) {
 
     let mut edit_rounds = vec![];
     for r in 0..rounds {
-        let before = acks.last[0].lock().unwrap().0;
+        let before = acks.last[0].lock().0;
         let start = Instant::now();
         cluster::write_atomic(&policy_path, &policy(mock_port, 31_000 + r as u32)).unwrap();
         let acks2 = acks.clone();
         let version = move || {
-            let v = acks2.last[0].lock().unwrap().0;
+            let v = acks2.last[0].lock().0;
             (v > before).then_some(v)
         };
         edit_rounds.push(settle(&acks, version, start, &mut poller).await);
