@@ -34,7 +34,7 @@
 //! | `SWITCHYARD_BENCH_ROUNDS` [4] | open-loop rounds; each runs every (mode, rate, path) once |
 //! | `SWITCHYARD_BENCH_BURST_N` [1000] | streams opened at once in part 2 |
 //! | `SWITCHYARD_BENCH_BURST_INTER_TOKEN_MS` [20] | the mock's pause between tokens in part 2 |
-//! | `SWITCHYARD_BENCH_BURST_TOKENS` [50] | tokens per streamed answer in part 2 (50 × 20 ms: 1 s open) |
+//! | `SWITCHYARD_BENCH_BURST_TOKENS` [100] | tokens per streamed answer in part 2 (100 × 20 ms: 2 s open) |
 //! | `SWITCHYARD_BENCH_SETTLE_MS` [5000] | longest wait for RSS to come down after a burst |
 //! | `SWITCHYARD_BENCH_CLOSED_SECS` [4] | one `wrk` run (one path, one mode) |
 //! | `SWITCHYARD_BENCH_CLOSED_ROUNDS` [2] | closed-loop rounds, alternating paths |
@@ -126,7 +126,7 @@ impl Knobs {
             rounds: env("SWITCHYARD_BENCH_ROUNDS", 4u32).max(1),
             burst_n: env("SWITCHYARD_BENCH_BURST_N", 1000),
             burst_inter_token_ms: env("SWITCHYARD_BENCH_BURST_INTER_TOKEN_MS", 20),
-            burst_tokens: env("SWITCHYARD_BENCH_BURST_TOKENS", 50),
+            burst_tokens: env("SWITCHYARD_BENCH_BURST_TOKENS", 100),
             settle: Duration::from_millis(env("SWITCHYARD_BENCH_SETTLE_MS", 5000)),
             closed_secs: env("SWITCHYARD_BENCH_CLOSED_SECS", 4u64).max(1),
             closed_rounds: env("SWITCHYARD_BENCH_CLOSED_ROUNDS", 2u32).max(1),
@@ -297,6 +297,18 @@ fn busy_percent(before: &[(u64, u64)], after: &[(u64, u64)], cpu: usize) -> f64 
         }
         _ => f64::NAN,
     }
+}
+
+/// How busy each CPU is over `over` with none of the bench's load running:
+/// other work on the shared machine that every number below competes with.
+async fn background_load(over: Duration) -> String {
+    let t0 = cpu_ticks();
+    tokio::time::sleep(over).await;
+    let t1 = cpu_ticks();
+    (0..t0.len())
+        .map(|i| format!("cpu{i} {:.0}%", busy_percent(&t0, &t1, i)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A process's children (nginx's workers are its master's).
@@ -961,6 +973,10 @@ async fn closed_loop(
          mock (1 tokio worker) and wrk (1 thread, {} connections) on core 1; {} rounds of {} s ==",
         k.connections, k.closed_rounds, k.closed_secs
     );
+    println!(
+        "other work on the machine just before: {}",
+        background_load(Duration::from_secs(1)).await
+    );
     let Some(wrk) = which("wrk") else {
         println!("wrk not installed (scripts/setup.sh installs it): part 3 skipped");
         return Ok(());
@@ -1133,6 +1149,12 @@ async fn closed_loop(
             let util = 100.0 * c.proxy_cpu / c.seconds.max(1e-9);
             let core1 = c.core[1] / c.seconds.max(1e-9);
             let ratio = direct / c.rps().max(1e-9);
+            let other = c.core[0] / c.seconds.max(1e-9) - util;
+            let noise = if other > 15.0 {
+                format!("NOISY: other processes took ~{other:.0}% of core 0; ")
+            } else {
+                String::new()
+            };
             let verdict = if util >= 85.0 {
                 let close = if ratio < 1.5 {
                     format!("; but direct is only {ratio:.2}x its rate: core 1 nearly limits too")
@@ -1140,6 +1162,13 @@ async fn closed_loop(
                     format!("; direct ran {ratio:.1}x faster")
                 };
                 format!("the proxy is the bottleneck ({util:.0}% of core 0){close}")
+            } else if other > 15.0 {
+                format!(
+                    "the proxy got only {util:.0}% of core 0 (core 1 {core1:.0}% busy, direct \
+                     {ratio:.2}x its rate): its req/s is a lower bound; its CPU per request \
+                     would allow ~{:.0} req/s on a whole core",
+                    c.per_cpu_second()
+                )
             } else if core1 >= 90.0 || ratio < 1.5 {
                 format!(
                     "MOCK + WRK (core 1, {core1:.0}% busy) ARE THE BOTTLENECK, not the proxy \
@@ -1153,7 +1182,7 @@ async fn closed_loop(
                      latency or connections limit it"
                 )
             };
-            println!("  {:<6} {:<8} {verdict}", mode.name(), r.name);
+            println!("  {:<6} {:<8} {noise}{verdict}", mode.name(), r.name);
         }
         if let (Some(s), Some(n)) = (find("sidecar"), find("nginx")) {
             let (sc, ng) = (&row[s], &row[n]);
@@ -1192,6 +1221,10 @@ async fn main() -> anyhow::Result<()> {
         dir.display()
     );
 
+    println!(
+        "other work on the machine before the bench: {}",
+        background_load(Duration::from_secs(1)).await
+    );
     if k.open || k.burst {
         let extra: Vec<&str> = k.sidecar_args.split_whitespace().collect();
         let stack =
