@@ -389,14 +389,16 @@ impl Nginx {
         let port = cluster::free_port()?;
         // keepalive_requests: nginx closes a keep-alive connection after
         // 1,000 requests by default; the sidecar never does, so neither
-        // does the reference.
+        // does the reference. backlog: nginx's default (511) drops SYNs
+        // when a burst connects 1,000 at once, and they come back a second
+        // later.
         let conf = format!(
             "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
              events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
                keepalive_requests 1000000;\n\
                upstream mock {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}\n\
-               server {{ listen 127.0.0.1:{port};\n\
+               server {{ listen 127.0.0.1:{port} backlog=4096;\n\
                  location / {{ proxy_pass http://mock; proxy_http_version 1.1;\n\
                    proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n",
             dir = dir.display()
@@ -549,6 +551,8 @@ struct Cell {
     gen_cpu: f64,
     wall: f64,
     peak_rss_kib: u64,
+    /// Each round's p99, for a view one stalled phase cannot move.
+    round_p99: Vec<i64>,
 }
 
 impl Cell {
@@ -561,11 +565,25 @@ impl Cell {
             gen_cpu: 0.0,
             wall: 0.0,
             peak_rss_kib: 0,
+            round_p99: Vec::new(),
         }
     }
 
     fn q(&self, q: f64) -> i64 {
         self.latency.value_at_quantile(q) as i64
+    }
+
+    /// The median over rounds of this cell's p99 minus `base`'s, round by
+    /// round.
+    fn median_added_p99(&self, base: &Cell) -> i64 {
+        let mut d: Vec<i64> = self
+            .round_p99
+            .iter()
+            .zip(&base.round_p99)
+            .map(|(a, b)| a - b)
+            .collect();
+        d.sort_unstable();
+        d.get(d.len() / 2).copied().unwrap_or(0)
     }
 
     fn cpu_per_request_us(&self) -> f64 {
@@ -592,14 +610,17 @@ async fn phase(
     if let Some(w) = watch {
         cell.peak_rss_kib = cell.peak_rss_kib.max(w.finish().await);
     }
+    let mut this = hist();
     for s in samples {
         cell.requests += 1;
         if s.ok() {
-            let _ = cell.latency.record((s.latency.as_micros() as u64).max(1));
+            let _ = this.record((s.latency.as_micros() as u64).max(1));
         } else {
             cell.errors += 1;
         }
     }
+    cell.round_p99.push(this.value_at_quantile(0.99) as i64);
+    let _ = cell.latency.add(&this);
 }
 
 async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyhow::Result<()> {
@@ -641,7 +662,7 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
     }
 
     println!(
-        "\n{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "\n{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "mode",
         "rate/s",
         "path",
@@ -652,6 +673,7 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
         "p99.9 µs",
         "+p50 µs",
         "+p99 µs",
+        "+p99 med",
         "cpu µs/r",
         "peak MiB",
         "gen cpu"
@@ -662,17 +684,18 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
             let direct = &row[0];
             for (p, route) in routes.iter().enumerate() {
                 let c = &row[p];
-                let (add50, add99, cpu, rss) = match route.proxy {
-                    None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                let (add50, add99, med99, cpu, rss) = match route.proxy {
+                    None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
                     Some(_) => (
                         format!("{:+}", c.q(0.5) - direct.q(0.5)),
                         format!("{:+}", c.q(0.99) - direct.q(0.99)),
+                        format!("{:+}", c.median_added_p99(direct)),
                         format!("{:.1}", c.cpu_per_request_us()),
                         mib(c.peak_rss_kib),
                     ),
                 };
                 println!(
-                    "{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6.0}%",
+                    "{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6.0}%",
                     mode.name(),
                     rate,
                     route.name,
@@ -683,6 +706,7 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
                     c.q(0.999),
                     add50,
                     add99,
+                    med99,
                     cpu,
                     rss,
                     100.0 * c.gen_cpu / c.wall.max(1e-9),
@@ -691,7 +715,8 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
         }
     }
     println!(
-        "(+p50/+p99: added to direct's; cpu µs/r: the proxy's CPU per request (nginx: its worker); \
+        "(+p50/+p99: added to direct's; +p99 med: the median over rounds of the p99 added \
+         in each round, which one stalled phase cannot move; cpu µs/r: the proxy's CPU per request (nginx: its worker); \
          peak MiB: its peak RSS in those phases; gen cpu: the load generator's CPU, % of one core)"
     );
 
@@ -703,13 +728,17 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
                 let row = &cells[m][ri];
                 let (d, sc, ng) = (&row[0], &row[s], &row[n]);
                 let (sa, na) = (sc.q(0.99) - d.q(0.99), ng.q(0.99) - d.q(0.99));
-                let p99 = if na > 0 {
-                    format!("{:.1}x", sa as f64 / na as f64)
-                } else {
-                    "n/a (nginx adds nothing measurable)".to_string()
+                let (sm, nm) = (sc.median_added_p99(d), ng.median_added_p99(d));
+                let ratio = |a: i64, b: i64| {
+                    if b > 0 {
+                        format!("{:.1}x", a as f64 / b as f64)
+                    } else {
+                        "n/a (nginx adds ≤ 0)".to_string()
+                    }
                 };
                 println!(
-                    "  {:<6} {:>5}/s: CPU/request {:.1} ÷ {:.1} µs = {:.2}x; added p99 {:+} ÷ {:+} µs = {}",
+                    "  {:<6} {:>5}/s: CPU/request {:.1} ÷ {:.1} µs = {:.2}x; added p99 {:+} ÷ {:+} µs = {} \
+                     (median of rounds {:+} ÷ {:+} µs = {})",
                     mode.name(),
                     rate,
                     sc.cpu_per_request_us(),
@@ -717,7 +746,10 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
                     sc.cpu_per_request_us() / ng.cpu_per_request_us().max(1e-9),
                     sa,
                     na,
-                    p99
+                    ratio(sa, na),
+                    sm,
+                    nm,
+                    ratio(sm, nm),
                 );
             }
         }
