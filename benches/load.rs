@@ -39,11 +39,13 @@
 //! | `SWITCHYARD_BENCH_CLOSED_SECS` [4] | one `wrk` run (one path, one mode) |
 //! | `SWITCHYARD_BENCH_CLOSED_ROUNDS` [2] | closed-loop rounds, alternating paths |
 //! | `SWITCHYARD_BENCH_CONNECTIONS` [64] | `wrk` connections |
+//! | `SWITCHYARD_BENCH_QUIET_WAIT_S` [60] | part 3 waits before each run until the machine is quiet (others' builds), at most this long in all |
 //! | `SWITCHYARD_BENCH_SIDECAR_ARGS` [] | extra sidecar flags, e.g. `--rtt-source tcp-info` |
 //!
-//! The defaults take about three minutes on a 2-core machine. nginx and
-//! `wrk` come from `scripts/setup.sh`; without nginx its rows are left out,
-//! without `wrk` part 3 is. CPU time is the sum of `se.sum_exec_runtime`
+//! The defaults take about three minutes on a 2-core machine, one more at
+//! most waiting for a quiet machine in part 3. nginx and `wrk` come from
+//! `scripts/setup.sh`; without nginx its rows are left out, without `wrk`
+//! part 3 is. CPU time is the sum of `se.sum_exec_runtime`
 //! over the process's threads (`/proc/<pid>/task/*/sched`), or the process's
 //! utime + stime in clock ticks where that file is missing.
 
@@ -93,6 +95,7 @@ struct Knobs {
     closed_secs: u64,
     closed_rounds: u32,
     connections: u32,
+    quiet_wait: Duration,
     sidecar_args: String,
 }
 
@@ -131,6 +134,7 @@ impl Knobs {
             closed_secs: env("SWITCHYARD_BENCH_CLOSED_SECS", 4u64).max(1),
             closed_rounds: env("SWITCHYARD_BENCH_CLOSED_ROUNDS", 2u32).max(1),
             connections: env("SWITCHYARD_BENCH_CONNECTIONS", 64u32).max(1),
+            quiet_wait: Duration::from_secs(env("SWITCHYARD_BENCH_QUIET_WAIT_S", 60)),
             sidecar_args: env("SWITCHYARD_BENCH_SIDECAR_ARGS", String::new()),
         })
     }
@@ -309,6 +313,24 @@ async fn background_load(over: Duration) -> String {
         .map(|i| format!("cpu{i} {:.0}%", busy_percent(&t0, &t1, i)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Waits, in half-second looks and for at most what is left of `budget`,
+/// until no CPU is more than 20% busy: the bench's own processes are idle
+/// then, so that is other work. Returns the seconds waited and whether
+/// the machine was found quiet.
+async fn wait_quiet(budget: &mut Duration) -> (f64, bool) {
+    let start = Instant::now();
+    while !budget.is_zero() {
+        let t0 = cpu_ticks();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t1 = cpu_ticks();
+        *budget = budget.saturating_sub(Duration::from_millis(500));
+        if (0..t0.len()).all(|i| busy_percent(&t0, &t1, i) < 20.0) {
+            return (start.elapsed().as_secs_f64(), true);
+        }
+    }
+    (start.elapsed().as_secs_f64(), false)
 }
 
 /// A process's children (nginx's workers are its master's).
@@ -1084,6 +1106,8 @@ async fn closed_loop(
                 run_wrk(&wrk, s, &r.url, k.connections, 1).await?;
             }
         }
+        let mut budget = k.quiet_wait;
+        let (mut waited, mut noisy_starts) = (0.0, 0);
         let mut cells: Vec<Vec<Closed>> = k
             .modes
             .iter()
@@ -1093,6 +1117,11 @@ async fn closed_loop(
             for (m, script) in scripts.iter().enumerate() {
                 for (p, r) in routes.iter().enumerate() {
                     let proxy: Vec<u32> = r.proxy.into_iter().collect();
+                    let (w, quiet) = wait_quiet(&mut budget).await;
+                    waited += w;
+                    if !quiet {
+                        noisy_starts += 1;
+                    }
                     let (t0, c0, m0) = (cpu_ticks(), cpu_sum(&proxy), cpu_seconds(mock_pid));
                     let run = run_wrk(&wrk, script, &r.url, k.connections, k.closed_secs).await?;
                     let (t1, c1, m1) = (cpu_ticks(), cpu_sum(&proxy), cpu_seconds(mock_pid));
@@ -1111,6 +1140,11 @@ async fn closed_loop(
                 }
             }
         }
+        let runs = k.closed_rounds as usize * scripts.len() * routes.len();
+        println!(
+            "waited {waited:.1} s in all for a quiet machine before the runs; \
+             {noisy_starts} of {runs} started without one"
+        );
         anyhow::Ok(cells)
     }
     .await;
