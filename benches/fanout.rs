@@ -9,10 +9,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use switchyard::cluster::{self, Proc};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::watch_request::Kind;
