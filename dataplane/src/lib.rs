@@ -111,6 +111,11 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
 
     let conf = ServerConf {
         threads: config.threads,
+        // One single-threaded runtime per thread, as nginx runs workers: a
+        // connection's requests stay on the thread that accepted it, so
+        // no request wakes another thread (with work stealing, each one
+        // cost a futex wake and a context switch).
+        work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
