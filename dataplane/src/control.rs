@@ -205,6 +205,12 @@ impl ControlClient {
             tick.tick().await;
             let table = self.tables.load_full();
             let mut endpoints = crate::usage::take_report(&self.live.endpoints);
+            // Connections idle too long are closed here, so an endpoint
+            // that gets no more traffic does not keep them open.
+            let now = std::time::Instant::now();
+            for (_, state) in self.live.endpoints.all() {
+                state.idle.sweep(now);
+            }
             self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),

@@ -170,6 +170,8 @@ pub struct EndpointState {
     inner: Mutex<Inner>,
     /// What this sidecar saw of it since the last telemetry report.
     pub usage: Window,
+    /// Its idle connections.
+    pub idle: crate::pool::Idle,
 }
 
 impl EndpointState {
@@ -177,6 +179,7 @@ impl EndpointState {
         Self {
             in_flight: AtomicU32::new(0),
             usage: Window::default(),
+            idle: crate::pool::Idle::default(),
             inner: Mutex::new(Inner {
                 outlier: Outlier::default(),
                 ewma: PeakEwma::new(Duration::from_secs(10)),

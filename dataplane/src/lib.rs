@@ -18,6 +18,7 @@ pub mod control;
 pub mod credential;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod reply;
 pub mod request;
@@ -31,8 +32,8 @@ pub mod usage;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
+use pingora::connectors::TransportConnector;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 
@@ -122,8 +123,8 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
+    let connections = pool::Connections::new(TransportConnector::new(Some(
+        ConnectorOptions::from_server_conf(&server.configuration),
     )));
     let sidecar = proxy::Sidecar {
         tables,
@@ -131,7 +132,7 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         metrics,
         queue: shed::Admission::new(config.queue_limit),
         outlier: config.outlier,
-        connector,
+        connections,
         limits: request::intake::Limits {
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use pingora::connectors::http::v1::Connector;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
@@ -26,7 +25,7 @@ pub struct Sidecar {
     /// The load-shedding queue.
     pub queue: Admission,
     pub outlier: OutlierPolicy,
-    pub connector: Connector,
+    pub connections: crate::pool::Connections,
     pub limits: Limits,
 }
 

@@ -74,6 +74,34 @@ impl From<UsageJson> for Tokens {
 
 /// The `usage` of a whole JSON answer.
 pub fn of_answer(json: &[u8]) -> Option<Tokens> {
+    match last_member(json) {
+        Some(found) => found,
+        None => of_answer_parsed(json),
+    }
+}
+
+/// `usage` when it is the root object's last member, as OpenAI-compatible
+/// servers put it: found from the end and parsed alone, without reading
+/// the whole answer. `None` when the answer is not laid out that way (then
+/// it is parsed whole). The key is the root's own: the value is followed
+/// only by the closing brace that ends the document, and the key follows
+/// `{` or `,`, so it is no string's content.
+fn last_member(json: &[u8]) -> Option<Option<Tokens>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = memchr::memmem::rfind(json, KEY)?;
+    let before = json.get(..at)?.trim_ascii_end();
+    if !matches!(before.last(), Some(b'{' | b',')) {
+        return None;
+    }
+    let after = json.get(at + KEY.len()..)?.trim_ascii_start();
+    let value = after.strip_prefix(b":")?;
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageJson>>();
+    let usage = values.next()?.ok()?;
+    let rest = value.get(values.byte_offset()..)?;
+    (rest.trim_ascii() == b"}").then(|| usage.map(Tokens::from))
+}
+
+fn of_answer_parsed(json: &[u8]) -> Option<Tokens> {
     #[derive(Deserialize)]
     struct Answer {
         usage: Option<UsageJson>,
@@ -267,6 +295,40 @@ mod tests {
         let mut none = UsageScan::json();
         none.pass(Bytes::from_static(br#"{"id":"x"}"#));
         assert_eq!(none.finish(), None);
+    }
+
+    #[test]
+    fn usage_as_the_last_member_is_read_without_parsing_the_answer_and_agrees_with_a_full_parse() {
+        let cases: [&[u8]; 9] = [
+            br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} b"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            br#"{"id":"x", "usage" : {"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":2}} }"#,
+            br#"{"usage":null}"#,
+            // Not the root's member: nested, or the root goes on after it.
+            br#"{"a":{"usage":{"prompt_tokens":9,"completion_tokens":9}}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"id":"x"}"#,
+            br#"{"a":"\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":5}}"}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}}"#,
+            br#"[{"usage":{"prompt_tokens":1,"completion_tokens":1}}]"#,
+            br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1}}"#,
+        ];
+        for c in cases {
+            assert_eq!(
+                of_answer(c),
+                of_answer_parsed(c),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
+        }
+        assert_eq!(of_answer(cases[0]), Some(t(3, 4, 0)));
+        assert_eq!(
+            last_member(cases[0]),
+            Some(Some(t(3, 4, 0))),
+            "the fast path took it"
+        );
+        assert_eq!(last_member(cases[1]), Some(Some(t(3, 4, 2))));
+        assert_eq!(last_member(cases[3]), None, "nested: parsed whole");
+        assert_eq!(of_answer(cases[3]), None);
+        assert_eq!(last_member(cases[5]), None, "inside a string");
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use parking_lot::Mutex;
-use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession;
 use pingora::time::fast_timeout::fast_timeout;
@@ -29,9 +28,6 @@ use crate::retry::RetryBudget;
 use crate::shed::Admission;
 use crate::table::Endpoint;
 use crate::usage::ErrorKind;
-
-/// How long an idle upstream connection stays in the pool.
-pub const POOL_IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AttemptError {
@@ -107,7 +103,7 @@ pub type AttemptResult<'a> = Result<(Opened, Slot<'a>), (AttemptError, Duration)
 /// What every attempt of one request shares: `'a` is what outlives the
 /// attempt (the sidecar, the table), `'r` the request's own header and body.
 pub struct Attempt<'a, 'r> {
-    pub connector: &'a Connector,
+    pub connections: &'a crate::pool::Connections,
     pub queue: &'a Admission,
     pub metrics: &'a crate::metrics::Metrics,
     pub retry: &'a Mutex<RetryBudget>,
@@ -125,7 +121,7 @@ impl<'a> Attempt<'a, '_> {
         let start = Instant::now();
         let ttft_deadline = (start + self.ttft).min(self.deadline);
         let request = upstream_request(self.app, ep, self.body);
-        match open(self.connector, ep, request, start, ttft_deadline).await {
+        match open(self.connections, ep, request, start, ttft_deadline).await {
             Ok(o) => Ok((o, slot)),
             Err(e) => Err((e, start.elapsed())),
         }
@@ -147,7 +143,7 @@ fn is_connect(e: &pingora::Error) -> bool {
 /// Sends `request` (head and body, see [`upstream_request`]) to `ep` and
 /// waits for the first body chunk until `ttft_deadline`.
 async fn open(
-    connector: &Connector,
+    connections: &crate::pool::Connections,
     ep: &Endpoint,
     request: BytesMut,
     started: Instant,
@@ -156,8 +152,8 @@ async fn open(
     let wait = ttft_deadline.saturating_duration_since(started);
     // One timer for the whole exchange, connect included.
     let exchange = async {
-        let (session, reused) = connector
-            .get_http_session(&ep.peer)
+        let (mut stream, reused) = connections
+            .get(&ep.state.idle, &ep.peer)
             .await
             .map_err(|e| AttemptError::Connect(e.to_string()))?;
         let broken = |e: Box<pingora::Error>| {
@@ -173,7 +169,6 @@ async fn open(
         // The request goes out in one write, head and body together:
         // pingora's client would send the head and the body in two, and
         // on loopback each send costs the sender the receiver's TCP work.
-        let mut stream = session.into_inner();
         crate::rtt::observe_upstream(&stream, &ep.peer, reused);
         let sent = async {
             stream.write_all(&request).await?;

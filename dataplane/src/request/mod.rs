@@ -116,7 +116,7 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
     // 3-4. Pick and attempt, until one answers.
     class.retry.lock().request(StdInstant::now());
     let attempt = Attempt {
-        connector: &sc.connector,
+        connections: &sc.connections,
         queue: &sc.queue,
         metrics: &sc.metrics,
         retry: &class.retry,
@@ -173,10 +173,11 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
 
     // 6. Account.
     account::answered(ep, &relayed, &sc.outlier);
-    if let Some(up) = reusable {
-        sc.connector
-            .release_http_session(up, &ep.peer, Some(attempt::POOL_IDLE))
-            .await;
+    if let Some(mut up) = reusable {
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            sc.connections.release(&ep.state.idle, &ep.peer, stream);
+        }
     }
     drop(slot);
     result

@@ -68,17 +68,26 @@ fn attempts_value(n: u8) -> http::HeaderValue {
 }
 
 /// The app's response header: the provider's, minus hop-by-hop headers,
-/// plus the sidecar's own.
-pub fn response_header(up: &ResponseHeader, stamp: &Stamp<'_>) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 4))?;
-    let has_connection = up.headers.contains_key(header::CONNECTION);
-    for (name, value) in up.headers.iter() {
-        let n = name.as_str();
-        if has_connection && connection_lists(&up.headers, n) {
-            continue;
-        }
-        if n == "content-length" || !is_hop_header(n) {
-            resp.append_header(name.clone(), value.clone())?;
+/// plus the sidecar's own. Edited in place: most answers carry no
+/// hop-by-hop header, and then nothing is copied.
+pub fn response_header(
+    mut resp: ResponseHeader,
+    stamp: &Stamp<'_>,
+) -> pingora::Result<ResponseHeader> {
+    let has_connection = resp.headers.contains_key(header::CONNECTION);
+    let hop = |n: &str| {
+        (n != "content-length" && is_hop_header(n))
+            || (has_connection && connection_lists(&resp.headers, n))
+    };
+    if resp.headers.keys().any(|n| hop(n.as_str())) {
+        let gone: Vec<http::HeaderName> = resp
+            .headers
+            .keys()
+            .filter(|n| hop(n.as_str()))
+            .cloned()
+            .collect();
+        for n in gone {
+            resp.remove_header(&n);
         }
     }
     resp.insert_header("x-switchyard-endpoint", stamp.endpoint.clone())?;
@@ -178,8 +187,9 @@ pub async fn relay(
     };
     let mut done = up.is_body_done();
     let mut error = None;
+    let status = up_header.status.as_u16();
     let result = async {
-        let mut resp = response_header(&up_header, stamp).map_err(Stop::Abort)?;
+        let mut resp = response_header(up_header, stamp).map_err(Stop::Abort)?;
         if done {
             resp.insert_header(header::CONTENT_LENGTH, first.as_ref().map_or(0, Bytes::len))
                 .map_err(Stop::Abort)?;
@@ -277,7 +287,7 @@ pub async fn relay(
     }
     .await;
     let relayed = Relayed {
-        status: up_header.status.as_u16(),
+        status,
         error,
         ttft,
         latency: attempt_start.elapsed(),
@@ -309,7 +319,7 @@ mod tests {
         let ep = http::HeaderValue::from_static("onprem-a");
         let v = http::HeaderValue::from(42u64);
         let resp = response_header(
-            &up,
+            up,
             &Stamp {
                 endpoint: &ep,
                 attempts: 2,
