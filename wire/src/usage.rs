@@ -94,11 +94,90 @@ fn last_member(json: &[u8]) -> Option<Option<Tokens>> {
         return None;
     }
     let after = json.get(at + KEY.len()..)?.trim_ascii_start();
-    let value = after.strip_prefix(b":")?;
-    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageJson>>();
-    let usage = values.next()?.ok()?;
-    let rest = value.get(values.byte_offset()..)?;
-    (rest.trim_ascii() == b"}").then(|| usage.map(Tokens::from))
+    // The root's closing brace ends the document; what is between the
+    // colon and it is the value, whole.
+    let value = after
+        .strip_prefix(b":")?
+        .trim_ascii_end()
+        .strip_suffix(b"}")?
+        .trim_ascii();
+    if value == b"null" {
+        return Some(None);
+    }
+    match scan(value) {
+        Some(t) => Some(Some(t)),
+        // Not the plain shape `scan` reads: let serde judge the value.
+        None => Some(serde_json::from_slice::<Option<UsageJson>>(value).ok()?.map(Tokens::from)),
+    }
+}
+
+/// Reads a usage object of the usual shape (unsigned integer counts, the
+/// cached count inside `prompt_tokens_details`) in one pass, without
+/// building anything. `None` for anything else, which is then parsed.
+fn scan(v: &[u8]) -> Option<Tokens> {
+    let mut t = Tokens::default();
+    let (mut prompt, mut completion) = (false, false);
+    let mut depth = 0usize;
+    // The key just read at each of the first two depths.
+    let mut key1: &[u8] = b"";
+    let mut key2: &[u8] = b"";
+    let mut i = 0;
+    let mut expect_value = false;
+    while let Some(&c) = v.get(i) {
+        match c {
+            b'{' => {
+                depth += 1;
+                expect_value = false;
+                i += 1;
+            }
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                i += 1;
+            }
+            b'"' => {
+                let start = i + 1;
+                let len = memchr::memchr2(b'"', b'\\', v.get(start..)?)?;
+                // An escape in a key or string: not the plain shape.
+                if v.get(start + len) != Some(&b'"') {
+                    return None;
+                }
+                let text = v.get(start..start + len)?;
+                i = start + len + 1;
+                if !expect_value {
+                    match depth {
+                        1 => key1 = text,
+                        2 => key2 = text,
+                        _ => {}
+                    }
+                }
+                expect_value = false;
+            }
+            b':' => {
+                expect_value = true;
+                i += 1;
+            }
+            b'0'..=b'9' if expect_value => {
+                let len = v.get(i..)?.iter().take_while(|b| b.is_ascii_digit()).count();
+                let n: u64 = std::str::from_utf8(v.get(i..i + len)?).ok()?.parse().ok()?;
+                i += len;
+                if matches!(v.get(i), Some(b'.' | b'e' | b'E')) {
+                    return None;
+                }
+                match (depth, key1, key2) {
+                    (1, b"prompt_tokens", _) => (t.input, prompt) = (n, true),
+                    (1, b"completion_tokens", _) => (t.output, completion) = (n, true),
+                    (2, b"prompt_tokens_details", b"cached_tokens") => t.cached_input = n,
+                    _ => {}
+                }
+                expect_value = false;
+            }
+            b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            // Negative numbers, null, true, false, arrays: the plain
+            // shape has none where they matter; serde decides.
+            _ => return None,
+        }
+    }
+    (depth == 0 && prompt && completion).then_some(t)
 }
 
 fn of_answer_parsed(json: &[u8]) -> Option<Tokens> {
@@ -266,6 +345,42 @@ impl UsageScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the usage object holds (extra fields, nesting, any
+        /// layout), reading it from the end of an answer gives what a full
+        /// parse of the answer gives.
+        #[test]
+        fn the_fast_read_agrees_with_a_full_parse(
+            prompt in any::<u32>(),
+            completion in any::<u32>(),
+            cached in proptest::option::of(any::<u32>()),
+            extra in proptest::collection::btree_map("[a-z_]{1,12}", any::<i32>(), 0..4),
+            content in "[a-z \"{}:,]{0,30}",
+            pretty in any::<bool>(),
+            null in any::<bool>(),
+        ) {
+            let mut usage = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion});
+            if let Some(c) = cached {
+                usage["prompt_tokens_details"] = serde_json::json!({"cached_tokens": c, "audio_tokens": 0});
+            }
+            for (k, v) in &extra {
+                usage[k.as_str()] = (*v).into();
+            }
+            let answer = serde_json::json!({
+                "id": "x",
+                "choices": [{"message": {"content": content, "usage": {"prompt_tokens": 1}}}],
+                "usage": if null { serde_json::Value::Null } else { usage },
+            });
+            let text = if pretty {
+                serde_json::to_vec_pretty(&answer).unwrap()
+            } else {
+                serde_json::to_vec(&answer).unwrap()
+            };
+            prop_assert_eq!(of_answer(&text), of_answer_parsed(&text));
+        }
+    }
 
     fn t(input: u64, output: u64, cached_input: u64) -> Tokens {
         Tokens {
@@ -329,6 +444,18 @@ mod tests {
         assert_eq!(last_member(cases[3]), None, "nested: parsed whole");
         assert_eq!(of_answer(cases[3]), None);
         assert_eq!(last_member(cases[5]), None, "inside a string");
+        // The one-pass reader and serde agree on the usual shapes.
+        for u in [
+            &br#"{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}"#[..],
+            br#"{ "prompt_tokens" : 100, "completion_tokens": 50, "total_tokens": 150, "prompt_tokens_details": {"cached_tokens": 80, "audio_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 40, "cached_tokens": 9}}"#,
+            br#"{"completion_tokens":7,"prompt_tokens":5}"#,
+        ] {
+            let serde = serde_json::from_slice::<UsageJson>(u).ok().map(Tokens::from);
+            assert_eq!(scan(u), serde, "{}", String::from_utf8_lossy(u));
+        }
+        assert_eq!(scan(br#"{"prompt_tokens":1.5,"completion_tokens":2}"#), None);
+        assert_eq!(scan(br#"{"prompt_tokens":1}"#), None, "a count missing");
+        assert_eq!(scan(br#"{"prompt_tokens":-1,"completion_tokens":2}"#), None);
     }
 
     #[test]
