@@ -129,7 +129,7 @@ impl Out {
         if let Some(j) = &mut self.joined {
             j.extend_from_slice(&b);
         } else if let Some(first) = self.one.take() {
-            let mut j = BytesMut::with_capacity(first.len() + b.len());
+            let mut j = BytesMut::with_capacity((first.len() + b.len()) * 2);
             j.extend_from_slice(&first);
             j.extend_from_slice(&b);
             self.joined = Some(j);

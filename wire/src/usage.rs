@@ -7,7 +7,10 @@
 //! sidecar asked on its behalf), it also takes that chunk out, so the app
 //! sees the stream it asked for.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 
 use crate::sse::{self, EventStream, Verdict};
@@ -86,9 +89,14 @@ pub fn of_answer(json: &[u8]) -> Option<Tokens> {
 /// it is parsed whole). The key is the root's own: the value is followed
 /// only by the closing brace that ends the document, and the key follows
 /// `{` or `,`, so it is no string's content.
+/// The key searched for, with searchers built once (building one costs
+/// more than searching a typical chunk).
+const KEY: &[u8] = b"\"usage\"";
+static FIND_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+static RFIND_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
+
 fn last_member(json: &[u8]) -> Option<Option<Tokens>> {
-    const KEY: &[u8] = b"\"usage\"";
-    let at = memchr::memmem::rfind(json, KEY)?;
+    let at = RFIND_KEY.rfind(json)?;
     let before = json.get(..at)?.trim_ascii_end();
     if !matches!(before.last(), Some(b'{' | b',')) {
         return None;
@@ -107,7 +115,11 @@ fn last_member(json: &[u8]) -> Option<Option<Tokens>> {
     match scan(value) {
         Some(t) => Some(Some(t)),
         // Not the plain shape `scan` reads: let serde judge the value.
-        None => Some(serde_json::from_slice::<Option<UsageJson>>(value).ok()?.map(Tokens::from)),
+        None => Some(
+            serde_json::from_slice::<Option<UsageJson>>(value)
+                .ok()?
+                .map(Tokens::from),
+        ),
     }
 }
 
@@ -157,7 +169,11 @@ fn scan(v: &[u8]) -> Option<Tokens> {
                 i += 1;
             }
             b'0'..=b'9' if expect_value => {
-                let len = v.get(i..)?.iter().take_while(|b| b.is_ascii_digit()).count();
+                let len = v
+                    .get(i..)?
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
                 let n: u64 = std::str::from_utf8(v.get(i..i + len)?).ok()?.parse().ok()?;
                 i += len;
                 if matches!(v.get(i), Some(b'.' | b'e' | b'E')) {
@@ -199,7 +215,7 @@ pub fn of_chunk(data: &[u8]) -> Option<(Tokens, bool)> {
         choices: Vec<serde::de::IgnoredAny>,
         usage: Option<UsageJson>,
     }
-    memchr::memmem::find(data, b"\"usage\"")?;
+    FIND_KEY.find(data)?;
     let c: Chunk = serde_json::from_slice(data).ok()?;
     let only = c.choices.is_empty();
     c.usage.map(|u| (u.into(), only))
@@ -289,6 +305,11 @@ impl UsageScan {
                 let strip = *strip;
                 let found = &mut self.found;
                 events.push(chunk, &mut |event| {
+                    // Most events are tokens: an event whose bytes do not
+                    // mention usage has none, in its data or anywhere.
+                    if FIND_KEY.find(event).is_none() {
+                        return Verdict::Pass;
+                    }
                     let Some(data) = sse::data(event) else {
                         return Verdict::Pass;
                     };
@@ -453,7 +474,10 @@ mod tests {
             let serde = serde_json::from_slice::<UsageJson>(u).ok().map(Tokens::from);
             assert_eq!(scan(u), serde, "{}", String::from_utf8_lossy(u));
         }
-        assert_eq!(scan(br#"{"prompt_tokens":1.5,"completion_tokens":2}"#), None);
+        assert_eq!(
+            scan(br#"{"prompt_tokens":1.5,"completion_tokens":2}"#),
+            None
+        );
         assert_eq!(scan(br#"{"prompt_tokens":1}"#), None, "a count missing");
         assert_eq!(scan(br#"{"prompt_tokens":-1,"completion_tokens":2}"#), None);
     }

@@ -147,7 +147,13 @@ fn coalesce(
                 let more = scan.pass(chunk);
                 if !more.is_empty() {
                     joined
-                        .get_or_insert_with(|| BytesMut::from(&out[..]))
+                        .get_or_insert_with(|| {
+                            // Room for a few more chunks, so joining
+                            // them does not grow the buffer each time.
+                            let mut j = BytesMut::with_capacity((out.len() + more.len()) * 4);
+                            j.extend_from_slice(&out);
+                            j
+                        })
                         .extend_from_slice(&more);
                 }
             }
