@@ -68,7 +68,9 @@ impl AttemptError {
 /// An upstream that answered: its header, and its first body chunk unless
 /// the body was empty.
 pub struct Opened {
-    pub session: HttpSession,
+    /// Boxed: the session is large, and an answer moves through several
+    /// stages (and futures) before the relay ends.
+    pub session: Box<HttpSession>,
     pub header: ResponseHeader,
     pub first: Option<Bytes>,
     pub ttft: Duration,
@@ -178,7 +180,7 @@ async fn open(
             reason: format!("sending the request: {e}"),
             stale: reused,
         })?;
-        let mut session = HttpSession::new_with_options(stream, &ep.peer);
+        let mut session = Box::new(HttpSession::new_with_options(stream, &ep.peer));
         // Interim answers (100, 103) come before the real one.
         loop {
             session.read_response().await.map_err(broken)?;

@@ -204,7 +204,9 @@ async fn attempts<'a>(
             may_exceed_spend,
         };
         let outcomes = if class.hedge {
-            hedge::hedged(
+            // Boxed: a hedge holds two attempts at once; unboxed, every
+            // request's future would be sized for it.
+            Box::pin(hedge::hedged(
                 attempt,
                 class,
                 chain,
@@ -212,7 +214,7 @@ async fn attempts<'a>(
                 &mut tried,
                 &mut ctx.attempts,
                 &facts,
-            )
+            ))
             .await
         } else {
             tried.push(next.id);

@@ -174,7 +174,7 @@ pub async fn relay(
     opened: Opened,
     stamp: &Stamp<'_>,
     how: Relay,
-) -> (Result<(), Stop>, Relayed, Option<HttpSession>) {
+) -> (Result<(), Stop>, Relayed, Option<Box<HttpSession>>) {
     let Opened {
         session: mut up,
         header: up_header,
