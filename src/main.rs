@@ -78,7 +78,7 @@ enum Command {
         max_body_bytes: usize,
         /// The whole request body must arrive within this many
         /// milliseconds; a body cut short or trickled gets 408.
-        #[arg(long, default_value_t = 30_000)]
+        #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
         body_timeout_ms: u64,
         /// Requests that may wait for a free endpoint before classes are shed.
         #[arg(long, default_value_t = 64)]
@@ -175,6 +175,9 @@ struct MockArgs {
     /// Send a `: keep-alive` comment event before every streamed token.
     #[arg(long)]
     sse_keep_alive: bool,
+    /// Send each token's event in two writes, cut inside a line ending.
+    #[arg(long)]
+    sse_split_events: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -312,6 +315,7 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         reasoning_tokens: a.reasoning_tokens,
         sse_line_ending: a.sse_line_ending,
         sse_keep_alive: a.sse_keep_alive,
+        sse_split_events: a.sse_split_events,
     };
     behaviour.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))

@@ -1,7 +1,8 @@
 //! Server-sent events end to end: a provider framing its stream with CRLF,
 //! CR or LF, with or without comment keep-alives, reaches the app event by
 //! event, byte for byte, as the provider sends it, whether or not the
-//! sidecar takes out the usage chunk it asked for.
+//! sidecar takes out the usage chunk it asked for, and however the
+//! provider cuts its events into writes.
 
 mod common;
 
@@ -84,15 +85,21 @@ async fn every_framing_reaches_the_app_event_by_event_in_every_mode() {
             "cr" => "\r",
             _ => "\n",
         };
-        for keep_alive in [true, false] {
+        for (keep_alive, split) in [(true, false), (false, false), (false, true), (true, true)] {
             stack.mocks[0]
                 .configure(
                     &stack.http,
-                    serde_json::json!({"sse_line_ending": eol, "sse_keep_alive": keep_alive}),
+                    serde_json::json!({
+                        "sse_line_ending": eol,
+                        "sse_keep_alive": keep_alive,
+                        "sse_split_events": split,
+                    }),
                 )
                 .await;
             for include_usage in [false, true] {
-                let what = format!("{eol}, keep-alive {keep_alive}, include_usage {include_usage}");
+                let what = format!(
+                    "{eol}, keep-alive {keep_alive}, events split {split}, include_usage {include_usage}"
+                );
                 let got = stream(&stack, include_usage).await;
                 let body = got.body();
                 let text = String::from_utf8(body.clone()).unwrap();

@@ -134,3 +134,67 @@ async fn a_chunked_answer_is_relayed_framed_and_a_cut_one_is_never_a_clean_200()
         "a cut answer must not read as complete: {body:?}"
     );
 }
+
+/// An SSE answer with events, the usage chunk the sidecar asked for on the
+/// app's behalf, and the end.
+const EVENTS: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\r\n\r\n\
+    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\r\n\r\n\
+    data: [DONE]\r\n\r\n";
+
+async fn stream_through(label: &str, answer: &'static [u8]) -> (Stack, reqwest::Response) {
+    let provider = fake_provider(answer).await;
+    let stack = stack_for(label, provider).await;
+    let r = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .json(&stack.chat_body(true))
+        .send()
+        .await
+        .expect("the sidecar answers with a valid HTTP/1.1 message");
+    (stack, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_stream_ended_by_close_reaches_the_app_as_http_1_1_chunked() {
+    let answer: &'static [u8] = Box::leak(
+        format!("HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{EVENTS}")
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let (_stack, r) = stream_through("http10", answer).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.headers()["transfer-encoding"], "chunked");
+    let body = r.text().await.expect("a complete body");
+    assert!(body.ends_with("data: [DONE]\r\n\r\n"), "{body:?}");
+    assert!(
+        !body.contains("usage"),
+        "the usage chunk the app did not ask for: {body:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_a_content_length_keeps_a_true_length_when_its_usage_chunk_is_taken_out() {
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{EVENTS}",
+            EVENTS.len()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let (_stack, r) = stream_through("sse-length", answer).await;
+    assert_eq!(r.status(), 200);
+    let declared: Option<usize> = r
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let body = r.text().await.expect("a complete body, not one cut short");
+    assert!(
+        body.ends_with("data: [DONE]\r\n\r\n") && !body.contains("usage"),
+        "{body:?}"
+    );
+    if let Some(n) = declared {
+        assert_eq!(n, body.len());
+    }
+}

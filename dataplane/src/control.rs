@@ -100,8 +100,10 @@ impl ControlClient {
                 let this = Arc::new(self);
                 rt.block_on(async move {
                     let telemetry = tokio::spawn(this.clone().report_loop());
+                    let sweep = tokio::spawn(sweep_idle(this.live.clone()));
                     this.watch_loop().await;
                     telemetry.abort();
+                    sweep.abort();
                 });
             })
     }
@@ -205,12 +207,6 @@ impl ControlClient {
             tick.tick().await;
             let table = self.tables.load_full();
             let mut endpoints = crate::usage::take_report(&self.live.endpoints);
-            // Connections idle too long are closed here, so an endpoint
-            // that gets no more traffic does not keep them open.
-            let now = std::time::Instant::now();
-            for (_, state) in self.live.endpoints.all() {
-                state.idle.sweep(now);
-            }
             self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),
@@ -229,6 +225,24 @@ impl ControlClient {
         }
     }
 }
+
+/// Closes upstream connections idle for too long, whether or not the
+/// control plane is there, so an endpoint that gets no more traffic does
+/// not keep them open. (Runs on this thread: the proxy's threads never wait
+/// for it.)
+async fn sweep_idle(live: Arc<Live>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = std::time::Instant::now();
+        for (_, state) in live.endpoints.all() {
+            state.idle.sweep(now);
+        }
+    }
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,9 @@ pub struct Behaviour {
     /// Send a comment event (`: keep-alive`) before every token, as
     /// providers do to keep idle connections open.
     pub sse_keep_alive: bool,
+    /// Send each token's event in two writes a moment apart, cut inside
+    /// its first line ending (between CR and LF) or its data line.
+    pub sse_split_events: bool,
 }
 
 /// The line ending of streamed events.
@@ -97,6 +100,7 @@ impl Default for Behaviour {
             reasoning_tokens: 0,
             sse_line_ending: LineEnding::Lf,
             sse_keep_alive: false,
+            sse_split_events: false,
         }
     }
 }

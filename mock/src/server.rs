@@ -326,12 +326,23 @@ async fn chat(
                 return;
             }
             sent.push_str(t);
-            if tx
-                .send(Ok(chunk(json!({"content": t}), Value::Null)))
-                .await
-                .is_err()
-            {
-                return;
+            let event = chunk(json!({"content": t}), Value::Null);
+            let pieces = if b.sse_split_events {
+                split_event(event)
+            } else {
+                [event, Bytes::new()]
+            };
+            for (k, piece) in pieces.into_iter().enumerate() {
+                if piece.is_empty() {
+                    continue;
+                }
+                if k > 0 {
+                    // Apart, so the proxy reads the halves separately.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if tx.send(Ok(piece)).await.is_err() {
+                    return;
+                }
             }
         }
         s.completions.lock().insert(id.clone(), sent);
@@ -352,6 +363,16 @@ async fn chat(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .expect("static response parts")
+}
+
+/// An event cut in two where a proxy is most likely to get framing wrong:
+/// between the CR and the LF of its first CRLF, else inside its data line.
+fn split_event(event: Bytes) -> [Bytes; 2] {
+    let at = event
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(event.len() / 2, |i| i + 1);
+    [event.slice(..at), event.slice(at..)]
 }
 
 /// About four characters a token, which is what providers' own estimates use.

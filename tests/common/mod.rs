@@ -347,7 +347,7 @@ impl Stack {
         let declared = text.lines().any(|l| {
             l.strip_prefix("# TYPE ")
                 .and_then(|t| t.split_whitespace().next())
-                .is_some_and(|family| name.starts_with(family))
+                .is_some_and(|family| name == family || name.strip_suffix("_total") == Some(family))
         });
         assert!(declared, "{name} is not declared in /metrics:\n{text}");
         series(&scrape, name)

@@ -530,7 +530,10 @@ fn check(f: Fields<'_>) -> Result<ChatRequest<'_>, Invalid> {
         Some(other) => return Err(Invalid::wrong_type("stream", "a boolean", &other)),
     };
     let include_usage = match f.stream_options {
-        None | Some(StreamOptions::Other(Seen::Null)) => None,
+        None => None,
+        // Present but null: the key is there, so asking for usage must
+        // replace it rather than add a second one.
+        Some(StreamOptions::Other(Seen::Null)) => Some(false),
         Some(StreamOptions::Other(other)) => {
             return Err(Invalid::wrong_type("stream_options", "an object", &other))
         }
@@ -584,6 +587,9 @@ pub fn ask_usage(body: &[u8], has_options: bool) -> Result<bytes::Bytes, Invalid
             let opts = o
                 .entry("stream_options")
                 .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !opts.is_object() {
+                *opts = serde_json::Value::Object(Default::default());
+            }
             if let Some(opts) = opts.as_object_mut() {
                 opts.insert("include_usage".into(), true.into());
             }

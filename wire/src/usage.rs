@@ -127,6 +127,9 @@ fn last_member(json: &[u8]) -> Option<Option<Tokens>> {
 /// cached count inside `prompt_tokens_details`) in one pass, without
 /// building anything. `None` for anything else, which is then parsed.
 fn scan(v: &[u8]) -> Option<Tokens> {
+    if v.first() != Some(&b'{') {
+        return None;
+    }
     let mut t = Tokens::default();
     let (mut prompt, mut completion) = (false, false);
     let mut depth = 0usize;
@@ -145,6 +148,10 @@ fn scan(v: &[u8]) -> Option<Tokens> {
             b'}' => {
                 depth = depth.checked_sub(1)?;
                 i += 1;
+                // The object ended: it must be the whole value.
+                if depth == 0 && !v.get(i..)?.trim_ascii().is_empty() {
+                    return None;
+                }
             }
             b'"' => {
                 let start = i + 1;
@@ -196,7 +203,9 @@ fn scan(v: &[u8]) -> Option<Tokens> {
     (depth == 0 && prompt && completion).then_some(t)
 }
 
-fn of_answer_parsed(json: &[u8]) -> Option<Tokens> {
+/// The `usage` of a whole JSON answer by a full parse (what [`of_answer`]
+/// falls back to, and what it is checked against).
+pub fn of_answer_parsed(json: &[u8]) -> Option<Tokens> {
     #[derive(Deserialize)]
     struct Answer {
         usage: Option<UsageJson>,
@@ -368,46 +377,63 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    proptest! {
-        /// Whatever the usage object holds (extra fields, nesting, any
-        /// layout), reading it from the end of an answer gives what a full
-        /// parse of the answer gives.
-        #[test]
-        fn the_fast_read_agrees_with_a_full_parse(
-            prompt in any::<u32>(),
-            completion in any::<u32>(),
-            cached in proptest::option::of(any::<u32>()),
-            extra in proptest::collection::btree_map("[a-z_]{1,12}", any::<i32>(), 0..4),
-            content in "[a-z \"{}:,]{0,30}",
-            pretty in any::<bool>(),
-            null in any::<bool>(),
-        ) {
-            let mut usage = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion});
-            if let Some(c) = cached {
-                usage["prompt_tokens_details"] = serde_json::json!({"cached_tokens": c, "audio_tokens": 0});
-            }
-            for (k, v) in &extra {
-                usage[k.as_str()] = (*v).into();
-            }
-            let answer = serde_json::json!({
-                "id": "x",
-                "choices": [{"message": {"content": content, "usage": {"prompt_tokens": 1}}}],
-                "usage": if null { serde_json::Value::Null } else { usage },
-            });
-            let text = if pretty {
-                serde_json::to_vec_pretty(&answer).unwrap()
-            } else {
-                serde_json::to_vec(&answer).unwrap()
-            };
-            prop_assert_eq!(of_answer(&text), of_answer_parsed(&text));
-        }
-    }
-
     fn t(input: u64, output: u64, cached_input: u64) -> Tokens {
         Tokens {
             input,
             output,
             cached_input,
+        }
+    }
+
+    /// One member of a generated answer: a key and its JSON text.
+    fn member() -> impl Strategy<Value = (String, String)> {
+        let count = || any::<u32>().prop_map(|n| n.to_string());
+        let usage_like = (count(), count(), proptest::option::of(count())).prop_map(|(p, c, k)| {
+            let details = k.map_or(String::new(), |k| {
+                format!(r#","prompt_tokens_details":{{"cached_tokens":{k},"audio_tokens":0}}"#)
+            });
+            format!(r#"{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":1{details}}}"#)
+        });
+        prop_oneof![
+            ("[a-z_]{1,10}", usage_like.clone()),
+            (
+                "[a-z_]{1,10}",
+                "[a-z \\\\\"{}:,]{0,20}".prop_map(|t| serde_json::to_string(&t).unwrap())
+            ),
+            ("[a-z_]{1,10}", any::<i64>().prop_map(|n| n.to_string())),
+            (
+                "[a-z_]{1,10}",
+                usage_like.prop_map(|u| format!(r#"{{"usage":{u}}}"#))
+            ),
+        ]
+    }
+
+    proptest! {
+        /// Wherever `usage` stands among the root's members, whatever
+        /// follows it (objects with token counts of their own, strings that
+        /// mention usage), and however the answer is laid out, reading it
+        /// fast gives what a full parse gives.
+        #[test]
+        fn the_fast_read_agrees_with_a_full_parse(
+            before in proptest::collection::vec(member(), 0..3),
+            usage in proptest::option::of(member()),
+            after in proptest::collection::vec(member(), 0..3),
+            spaced in any::<bool>(),
+        ) {
+            let mut members: Vec<(String, String)> = before;
+            if let Some((_, v)) = usage {
+                members.push(("usage".into(), v));
+            }
+            members.extend(after);
+            let sep = if spaced { ", \n  " } else { "," };
+            let colon = if spaced { " : " } else { ":" };
+            let body = members
+                .iter()
+                .map(|(k, v)| format!("\"{k}\"{colon}{v}"))
+                .collect::<Vec<_>>()
+                .join(sep);
+            let text = format!("{{{body}}}");
+            prop_assert_eq!(of_answer(text.as_bytes()), of_answer_parsed(text.as_bytes()), "{}", text);
         }
     }
 
@@ -435,7 +461,7 @@ mod tests {
 
     #[test]
     fn usage_as_the_last_member_is_read_without_parsing_the_answer_and_agrees_with_a_full_parse() {
-        let cases: [&[u8]; 9] = [
+        let cases: [&[u8]; 11] = [
             br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} b"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
             br#"{"id":"x", "usage" : {"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":2}} }"#,
             br#"{"usage":null}"#,
@@ -446,6 +472,9 @@ mod tests {
             br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}}"#,
             br#"[{"usage":{"prompt_tokens":1,"completion_tokens":1}}]"#,
             br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1}}"#,
+            // Members after usage, with counts of their own.
+            br#"{"id":"x","usage":{"prompt_tokens":10,"completion_tokens":5},"billing":{"prompt_tokens":0,"completion_tokens":0}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":1}},"x":{"prompt_tokens_details":{"cached_tokens":9}}}"#,
         ];
         for c in cases {
             assert_eq!(
@@ -465,6 +494,8 @@ mod tests {
         assert_eq!(last_member(cases[3]), None, "nested: parsed whole");
         assert_eq!(of_answer(cases[3]), None);
         assert_eq!(last_member(cases[5]), None, "inside a string");
+        assert_eq!(of_answer(cases[9]), Some(t(10, 5, 0)));
+        assert_eq!(of_answer(cases[10]), Some(t(1, 1, 1)));
         // The one-pass reader and serde agree on the usual shapes.
         for u in [
             &br#"{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}"#[..],

@@ -74,6 +74,9 @@ pub fn response_header(
     mut resp: ResponseHeader,
     stamp: &Stamp<'_>,
 ) -> pingora::Result<ResponseHeader> {
+    // The sidecar speaks HTTP/1.1 to the app whatever the provider spoke
+    // (an HTTP/1.0 answer relayed chunked must not say HTTP/1.0).
+    resp.set_version(http::Version::HTTP_11);
     let has_connection = resp.headers.contains_key(header::CONNECTION);
     let hop = |n: &str| {
         (n != "content-length" && is_hop_header(n))
@@ -178,7 +181,7 @@ pub async fn relay(
     let Opened {
         session: mut up,
         header: up_header,
-        first,
+        mut first,
         ttft,
     } = opened;
     let attempt_start = Instant::now() - ttft;
@@ -194,14 +197,27 @@ pub async fn relay(
     let mut done = up.is_body_done();
     let mut error = None;
     let status = up_header.status.as_u16();
+    // An answer already whole goes out with its exact length, which is
+    // shorter than the provider's when the usage chunk was taken out.
+    let whole = done.then(|| {
+        let out = first.take().map(|c| scan.pass(c)).unwrap_or_default();
+        let rest = scan.end();
+        if rest.is_empty() {
+            out
+        } else {
+            Bytes::from([out, rest].concat())
+        }
+    });
     let result = async {
         let mut resp = response_header(up_header, stamp).map_err(Stop::Abort)?;
-        if done {
-            resp.insert_header(header::CONTENT_LENGTH, first.as_ref().map_or(0, Bytes::len))
+        if let Some(w) = &whole {
+            resp.insert_header(header::CONTENT_LENGTH, w.len())
                 .map_err(Stop::Abort)?;
-        } else if !resp.headers.contains_key(header::CONTENT_LENGTH) {
+        } else if (sse && how.strip_usage) || !resp.headers.contains_key(header::CONTENT_LENGTH) {
             // Framed, so the app can tell a complete answer from a cut one
-            // and keep its connection.
+            // and keep its connection; a stream losing its usage chunk
+            // cannot keep the provider's length.
+            resp.remove_header(&header::CONTENT_LENGTH);
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")
                 .map_err(Stop::Abort)?;
         }
@@ -219,18 +235,14 @@ pub async fn relay(
         // A read that was already done when coalescing stopped: it is
         // taken before reading again.
         let mut held = None;
-        if let Some(chunk) = first {
-            let mut out = scan.pass(chunk);
-            if done {
-                let rest = scan.end();
-                if !rest.is_empty() {
-                    out = [out, rest].concat().into();
-                }
-            } else {
-                (out, held) = coalesce(&mut up, &mut scan, out);
-            }
-            if done || !out.is_empty() {
-                write(session, Some(out), done, how.deadline).await?;
+        if let Some(w) = whole {
+            write(session, Some(w), true, how.deadline).await?;
+        } else if let Some(chunk) = first {
+            let out = scan.pass(chunk);
+            let (out, after) = coalesce(&mut up, &mut scan, out);
+            held = after;
+            if !out.is_empty() {
+                write(session, Some(out), false, how.deadline).await?;
             }
         }
         while !done {

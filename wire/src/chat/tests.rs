@@ -198,6 +198,16 @@ fn usage_is_asked_for_without_disturbing_the_request() {
     );
     assert_eq!(v["stream_options"]["include_usage"], true);
     assert_eq!(v["stream_options"]["k"], 1);
+    // Present but null: replaced, not given twice.
+    let b = br#"{"model":"m","stream":true,"stream_options":null,"messages":[{"role":"user"}]}"#;
+    let v = ask(b);
+    assert_eq!(v["stream_options"]["include_usage"], true);
+    let asked = ask_usage(b, parse(b).unwrap().include_usage.is_some()).unwrap();
+    assert_eq!(
+        parse(&asked).unwrap().include_usage,
+        Some(true),
+        "no duplicate key"
+    );
     let out = ask_usage(b"{ }", false).unwrap();
     assert_eq!(&out[..], br#"{"stream_options":{"include_usage":true} }"#);
 }
