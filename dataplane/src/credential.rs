@@ -5,7 +5,7 @@
 //! here ever prints.
 
 use http::HeaderValue;
-use switchyard_proto::credential::CredentialRef;
+use switchyard_policy::CredentialRef;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialError {

@@ -1,9 +1,11 @@
 //! The syntax of an endpoint's `credential`: a reference to where a
 //! provider key lives, in the sidecar's environment, never the key.
 //!
-//! The same syntax as `switchyard_proto::credential`, which the sidecar
-//! resolves; the policy crate keeps its own copy so it does not depend on
-//! the gRPC crate. The control plane's tests check that both agree.
+//! One definition for both sides: the control plane checks references with
+//! it when it loads the policy, the sidecar resolves them with it
+//! (`switchyard_dataplane::credential`). Errors never repeat the text they
+//! refuse: a key pasted where the reference belongs (`env:sk-...`) must not
+//! reach a log.
 
 /// Where an endpoint's provider key is found, in the sidecar's environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,8 @@ impl<'a> CredentialRef<'a> {
                 Ok(CredentialRef::Env(name))
             } else {
                 Err(format!(
-                    "`env:` needs a variable name of letters, digits and `_`, got {name:?}"
+                    "`env:` needs a variable name of letters, digits and `_`, got {} characters that are not one",
+                    name.chars().count()
                 ))
             };
         }
@@ -35,7 +38,10 @@ impl<'a> CredentialRef<'a> {
             return if path.starts_with('/') {
                 Ok(CredentialRef::File(path))
             } else {
-                Err(format!("`file:` needs an absolute path, got {path:?}"))
+                Err(format!(
+                    "`file:` needs an absolute path, got {} characters that are not one",
+                    path.chars().count()
+                ))
             };
         }
         Err("must be `env:NAME` or `file:/path`: a reference to the key, never the key".into())
@@ -59,7 +65,9 @@ mod tests {
         for bad in ["env:", "env:1X", "env:A-B", "file:relative", ""] {
             assert!(CredentialRef::parse(bad).is_err(), "{bad}");
         }
-        let e = CredentialRef::parse("sk-live-123").unwrap_err();
-        assert!(!e.contains("sk-live-123"), "{e}");
+        for pasted in ["sk-live-123", "env:sk-live-123", "file:sk-live-123"] {
+            let e = CredentialRef::parse(pasted).unwrap_err();
+            assert!(!e.contains("sk-live"), "{e}");
+        }
     }
 }
