@@ -137,29 +137,14 @@ impl Window {
             }
             buf
         };
+        let errors = |k: ErrorKind| c.errors.get(k as usize).copied().unwrap_or(0);
         let w = pb::EndpointWindow {
             endpoint: endpoint.to_string(),
             requests: c.requests,
-            errors_connect: c
-                .errors
-                .get(ErrorKind::Connect as usize)
-                .copied()
-                .unwrap_or(0),
-            errors_timeout: c
-                .errors
-                .get(ErrorKind::Timeout as usize)
-                .copied()
-                .unwrap_or(0),
-            errors_5xx: c
-                .errors
-                .get(ErrorKind::Status5xx as usize)
-                .copied()
-                .unwrap_or(0),
-            errors_429: c
-                .errors
-                .get(ErrorKind::Status429 as usize)
-                .copied()
-                .unwrap_or(0),
+            errors_connect: errors(ErrorKind::Connect),
+            errors_timeout: errors(ErrorKind::Timeout),
+            errors_5xx: errors(ErrorKind::Status5xx),
+            errors_429: errors(ErrorKind::Status429),
             ttft_histogram: encode(&mut c.ttft),
             latency_histogram: encode(&mut c.latency),
             tokens_in: c.tokens.input,
