@@ -155,6 +155,32 @@ impl<'de> de::Deserialize<'de> for Seen<'de> {
     }
 }
 
+/// The scalar `visit_*` methods of a visitor whose value wraps any other
+/// JSON value as `$wrap(Seen)`: the type is kept (for the error message),
+/// the value is not.
+macro_rules! scalars_as {
+    ($value:ty, $wrap:path) => {
+        fn visit_bool<E>(self, v: bool) -> Result<$value, E> {
+            Ok($wrap(Seen::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<$value, E> {
+            Ok($wrap(Seen::Int(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<$value, E> {
+            Ok($wrap(Seen::Uint(v)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<$value, E> {
+            Ok($wrap(Seen::Float(v)))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<$value, E> {
+            Ok($wrap(Seen::Str(Cow::Borrowed(""))))
+        }
+        fn visit_unit<E>(self) -> Result<$value, E> {
+            Ok($wrap(Seen::Null))
+        }
+    };
+}
+
 /// The top-level keys the sidecar reads; the rest are skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
@@ -244,24 +270,7 @@ impl<'de> de::Deserialize<'de> for Message<'de> {
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Message<'de>, A::Error> {
                 SeenVisitor.visit_seq(seq).map(Message::NotObject)
             }
-            fn visit_bool<E>(self, v: bool) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Int(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Uint(v)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Float(v)))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Str(Cow::Borrowed(""))))
-            }
-            fn visit_unit<E>(self) -> Result<Message<'de>, E> {
-                Ok(Message::NotObject(Seen::Null))
-            }
+            scalars_as!(Message<'de>, Message::NotObject);
         }
         d.deserialize_any(V)
     }
@@ -299,24 +308,7 @@ impl<'de> de::Deserialize<'de> for Messages<'de> {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Messages<'de>, A::Error> {
                 SeenVisitor.visit_map(map).map(Messages::NotList)
             }
-            fn visit_bool<E>(self, v: bool) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Int(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Uint(v)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Float(v)))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Str(Cow::Borrowed(""))))
-            }
-            fn visit_unit<E>(self) -> Result<Messages<'de>, E> {
-                Ok(Messages::NotList(Seen::Null))
-            }
+            scalars_as!(Messages<'de>, Messages::NotList);
         }
         d.deserialize_any(V)
     }
@@ -358,24 +350,7 @@ impl<'de> de::Deserialize<'de> for StreamOptions<'de> {
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StreamOptions<'de>, A::Error> {
                 SeenVisitor.visit_seq(seq).map(StreamOptions::Other)
             }
-            fn visit_bool<E>(self, v: bool) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Int(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Uint(v)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Float(v)))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Str(Cow::Borrowed(""))))
-            }
-            fn visit_unit<E>(self) -> Result<StreamOptions<'de>, E> {
-                Ok(StreamOptions::Other(Seen::Null))
-            }
+            scalars_as!(StreamOptions<'de>, StreamOptions::Other);
         }
         d.deserialize_any(V)
     }
