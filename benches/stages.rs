@@ -50,6 +50,7 @@ fn table() -> Table {
             ..Default::default()
         }],
         default_class: "standard".into(),
+        weights_ttl_ms: 0,
         endpoints,
     };
     let addrs: HashMap<String, SocketAddr> = t

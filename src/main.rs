@@ -4,6 +4,7 @@
 
 mod admin;
 mod demo;
+mod standalone;
 
 /// jemalloc with background purging: memory a burst took is given back
 /// to the system within seconds, which is what a pod's memory limit sees.
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use switchyard_dataplane::control::TableSource;
 
 #[derive(Parser)]
 #[command(
@@ -56,11 +58,25 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
     },
-    /// Run the sidecar proxy beside an app.
+    /// Run the sidecar proxy beside an app: with a control plane
+    /// (`--control`), or alone, on a policy file (`--policy`).
     Sidecar {
         /// Control plane address, host:port.
-        #[arg(long)]
-        control: String,
+        #[arg(long, required_unless_present = "policy")]
+        control: Option<String>,
+        /// Standalone mode: no control plane; tables come from this policy
+        /// file (the control plane's format), with static weights and local
+        /// health. Edits are applied as they are saved.
+        #[arg(long, conflicts_with = "control")]
+        policy: Option<PathBuf>,
+        /// How often the --policy file is checked for edits, in milliseconds.
+        #[arg(long, default_value_t = 250, requires = "policy")]
+        reload_ms: u64,
+        /// Directory where every table from the control plane is saved, so
+        /// a sidecar that restarts while the control plane is away serves
+        /// from it at once.
+        #[arg(long, default_value = "switchyard-state")]
+        state_dir: PathBuf,
         /// Where the app connects.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
@@ -191,6 +207,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Sidecar {
             control,
+            policy,
+            reload_ms,
+            state_dir,
             listen,
             id,
             threads,
@@ -205,8 +224,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
             let base = Duration::from_millis(eject_ms);
-            switchyard_dataplane::run(switchyard_dataplane::SidecarConfig {
-                control,
+            let source = match (control, policy) {
+                (Some(address), _) => TableSource::Control { address },
+                (None, Some(policy)) => TableSource::Local(standalone::feed(
+                    &policy,
+                    Duration::from_millis(reload_ms.max(10)),
+                )?),
+                (None, None) => anyhow::bail!("--control or --policy is required"),
+            };
+            let config = switchyard_dataplane::SidecarConfig {
+                state_dir: Some(state_dir),
                 listen,
                 sidecar_id,
                 threads,
@@ -222,7 +249,8 @@ fn main() -> anyhow::Result<()> {
                 },
                 rtt_mode: rtt_source,
                 rtt_cgroup,
-            })?;
+            };
+            switchyard_dataplane::run(config, source)?;
             Ok(())
         }
         Command::Control {

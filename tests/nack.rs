@@ -76,6 +76,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 ..Default::default()
             }],
             default_class: "standard".into(),
+            weights_ttl_ms: 0,
         }),
     }
 }

@@ -77,6 +77,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
         endpoints,
         classes,
         default_class: policy.default_class.clone(),
+        weights_ttl_ms: policy.routing.weights_ttl_ms,
     }
 }
 

@@ -1,11 +1,17 @@
 //! The sidecar's side of the control plane: watches for tables (applying,
-//! ACKing or NACKing each), and streams telemetry. Runs on its own thread and
-//! runtime, so the proxy never waits on the control plane; when the control
-//! plane is away the proxy keeps routing on its last good table and this
-//! side reconnects with capped, jittered exponential backoff.
+//! ACKing or NACKing each, and saving each applied one for the next start),
+//! and streams telemetry. Runs on its own thread and runtime, so the proxy
+//! never waits on the control plane; when the control plane is away the
+//! proxy keeps routing on its last good table, trusts its weights for the
+//! table's TTL, and this side reconnects with capped, jittered exponential
+//! backoff. In standalone mode the same thread runs the caller's table feed
+//! (a local policy file) instead.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use switchyard_proto::v1 as pb;
@@ -15,6 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::metrics::Metrics;
+use crate::origin::{self, Source};
+use crate::persist;
 use crate::rtt::RttView;
 use crate::table::{self, Live, Table};
 
@@ -70,42 +78,176 @@ impl From<tonic::Status> for StreamError {
     }
 }
 
-pub struct ControlClient {
-    pub address: String,
-    pub sidecar_id: String,
+/// Applies tables to the sidecar, whoever sends them: compiles, swaps the
+/// table in force, records where it came from, and saves what the control
+/// plane pushed.
+#[derive(Clone)]
+pub struct Applier {
     pub tables: Arc<ArcSwapOption<Table>>,
     pub live: Arc<Live>,
     pub metrics: Arc<Metrics>,
+    /// Where tables from the control plane are saved; `None`: nowhere.
+    pub save_to: Option<PathBuf>,
+}
+
+impl Applier {
+    /// Compiles and applies `t`. A table that does not compile changes
+    /// nothing: the error is the NACK's reason.
+    pub async fn apply(&self, t: &pb::RoutingTable, source: Source) -> Result<(), table::TableError> {
+        let addrs = table::resolve(t).await?;
+        let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
+        self.tables.store(Some(Arc::new(compiled)));
+        self.live.origin.set_source(source);
+        if source == Source::Control {
+            if let Some(path) = &self.save_to {
+                // Applied either way: a disk that refuses the file costs the
+                // next cold start its table, not this table its traffic.
+                match persist::save(path, t) {
+                    Ok(()) => tracing::debug!(version = t.version, path = %path.display(), "table saved"),
+                    Err(e) => tracing::warn!(error = %e, "cannot save the routing table; a restart without the control plane will not have it"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves from the table a previous run saved, if there is a good one.
+    /// Returns when the control plane last stood behind its weights.
+    async fn apply_saved(&self) -> Option<SystemTime> {
+        let path = self.save_to.as_ref()?;
+        match persist::load(path) {
+            Ok(None) => None,
+            Ok(Some((t, confirmed))) => match self.apply(&t, Source::Persisted).await {
+                Ok(()) => {
+                    tracing::warn!(version = t.version, path = %path.display(),
+                        "serving from the saved routing table until the control plane answers");
+                    Some(confirmed)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "the saved routing table cannot be applied; ignored");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "the saved routing table is unreadable; ignored");
+                None
+            }
+        }
+    }
+}
+
+/// A feed of tables for a sidecar without a control plane: run on the
+/// control thread with the sidecar's [`Applier`].
+pub type Feed = Box<dyn FnOnce(Applier) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// Where a sidecar's tables come from.
+pub enum TableSource {
+    /// A control plane at `host:port`, over the Watch stream.
+    Control { address: String },
+    /// The caller's feed (standalone mode: a local policy file).
+    Local(Feed),
+}
+
+pub struct ControlClient {
+    pub address: String,
+    pub sidecar_id: String,
+    pub applier: Applier,
     pub rtt: Arc<RttView>,
+    /// When the control plane last stood behind the weights in force
+    /// (while the Watch stream is up: continuously).
+    confirmed: parking_lot::Mutex<SystemTime>,
+}
+
+/// Starts the thread that brings tables in (from `source`) and keeps
+/// their state: idle connections swept, weights aged.
+pub fn spawn(
+    source: TableSource,
+    sidecar_id: String,
+    applier: Applier,
+    rtt: Arc<RttView>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("switchyard-control".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    // Without it the sidecar never gets a table: say so
+                    // loudly; /readyz stays 503.
+                    tracing::error!(error = %e, "cannot start the control plane client");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let sweep = tokio::spawn(sweep_idle(applier.live.clone()));
+                match source {
+                    TableSource::Local(feed) => feed(applier).await,
+                    TableSource::Control { address } => {
+                        let confirmed = applier.apply_saved().await;
+                        let this = Arc::new(ControlClient {
+                            address,
+                            sidecar_id,
+                            applier,
+                            rtt,
+                            confirmed: parking_lot::Mutex::new(
+                                confirmed.unwrap_or_else(SystemTime::now),
+                            ),
+                        });
+                        let telemetry = tokio::spawn(this.clone().report_loop());
+                        let ageing = tokio::spawn(this.clone().age_weights());
+                        this.watch_loop().await;
+                        telemetry.abort();
+                        ageing.abort();
+                    }
+                }
+                sweep.abort();
+            });
+        })
 }
 
 impl ControlClient {
-    /// Starts the client on a thread of its own.
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("switchyard-control".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        // Without it the sidecar never gets a table: say so
-                        // loudly; /readyz stays 503.
-                        tracing::error!(error = %e, "cannot start the control plane client");
-                        return;
+    fn tables(&self) -> &ArcSwapOption<Table> {
+        &self.applier.tables
+    }
+
+    /// Once a second: decides whether the weights in force have outlived
+    /// their TTL, and while the control plane is there, records on the
+    /// saved table that it still stands behind them.
+    async fn age_weights(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(AGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut touched = SystemTime::UNIX_EPOCH;
+        loop {
+            tick.tick().await;
+            let origin = &self.applier.live.origin;
+            let now = SystemTime::now();
+            let connected = origin.control_connected();
+            if connected {
+                *self.confirmed.lock() = now;
+                if let Some(path) = &self.applier.save_to {
+                    if now.duration_since(touched).is_ok_and(|d| d >= TOUCH_EVERY) {
+                        touched = now;
+                        if let Err(e) = persist::touch(path) {
+                            tracing::debug!(error = %e, "cannot touch the saved table");
+                        }
                     }
-                };
-                let this = Arc::new(self);
-                rt.block_on(async move {
-                    let telemetry = tokio::spawn(this.clone().report_loop());
-                    let sweep = tokio::spawn(sweep_idle(this.live.clone()));
-                    this.watch_loop().await;
-                    telemetry.abort();
-                    sweep.abort();
-                });
-            })
+                }
+            }
+            let ttl = self.tables().load().as_ref().and_then(|t| t.weights_ttl);
+            let confirmed = *self.confirmed.lock();
+            let expired = origin::expired(ttl, connected, confirmed, now);
+            if origin.set_weights_expired(expired) != expired {
+                if expired {
+                    tracing::warn!(ttl_ms = ttl.map_or(0, |t| t.as_millis() as u64),
+                        "weights expired without the control plane; balancing on local signals over the same endpoints");
+                } else {
+                    tracing::info!("weights trusted again");
+                }
+            }
+        }
     }
 
     fn endpoint(&self) -> Result<Endpoint, StreamError> {
@@ -123,7 +265,7 @@ impl ControlClient {
         loop {
             let err = self.watch_once(&mut backoff).await;
             let delay = backoff.next(fastrand::f64());
-            let version = self.tables.load().as_ref().map_or(0, |t| t.version);
+            let version = self.tables().load().as_ref().map_or(0, |t| t.version);
             tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, routing_on = version,
                 "control plane unavailable; routing on the last good table");
             tokio::time::sleep(delay).await;
@@ -141,7 +283,7 @@ impl ControlClient {
         let channel: Channel = self.endpoint()?.connect().await?;
         let mut client = pb::routing_discovery_client::RoutingDiscoveryClient::new(channel);
         let (tx, rx) = mpsc::channel(8);
-        let applied = self.tables.load().as_ref().map_or(0, |t| t.version);
+        let applied = self.tables().load().as_ref().map_or(0, |t| t.version);
         let hello = pb::WatchRequest {
             kind: Some(Kind::Hello(pb::Hello {
                 sidecar_id: self.sidecar_id.clone(),
@@ -150,6 +292,7 @@ impl ControlClient {
         };
         tx.send(hello).await.map_err(|_| StreamError::Closed)?;
         let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        let _connected = Connected::new(self);
         while let Some(update) = updates.message().await? {
             backoff.reset();
             let version = update.table.as_ref().map_or(0, |t| t.version);
@@ -179,10 +322,7 @@ impl ControlClient {
 
     async fn apply(&self, update: &pb::TableUpdate) -> Result<(), table::TableError> {
         let t = update.table.as_ref().ok_or(table::TableError::Missing)?;
-        let addrs = table::resolve(t).await?;
-        let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
-        self.tables.store(Some(Arc::new(compiled)));
-        Ok(())
+        self.applier.apply(t, Source::Control).await
     }
 
     async fn report_loop(self: Arc<Self>) {
@@ -205,8 +345,8 @@ impl ControlClient {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let table = self.tables.load_full();
-            let mut endpoints = crate::usage::take_report(&self.live.endpoints);
+            let table = self.tables().load_full();
+            let mut endpoints = crate::usage::take_report(&self.applier.live.endpoints);
             self.rtt.annotate(&mut endpoints, table.as_deref());
             let report = pb::TelemetryReport {
                 sidecar_id: self.sidecar_id.clone(),
@@ -243,6 +383,29 @@ async fn sweep_idle(live: Arc<Live>) {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const AGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the saved table's time is renewed while connected: a restart
+/// ages the weights from it, so it may lag by this much.
+const TOUCH_EVERY: Duration = Duration::from_secs(5);
+
+/// Marks the Watch stream up for as long as it lives; when it ends, the
+/// control plane's last word is now.
+struct Connected<'a>(&'a ControlClient);
+
+impl<'a> Connected<'a> {
+    fn new(c: &'a ControlClient) -> Self {
+        c.applier.live.origin.set_control_connected(true);
+        *c.confirmed.lock() = SystemTime::now();
+        Self(c)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        *self.0.confirmed.lock() = SystemTime::now();
+        self.0.applier.live.origin.set_control_connected(false);
+    }
+}
 
 #[cfg(test)]
 mod tests {

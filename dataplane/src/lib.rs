@@ -10,7 +10,9 @@
 //! P2C), `health` (local ejection, peak-EWMA), `retry` (retry budgets),
 //! `shed` (the load-shedding queue), `control` (the Watch and telemetry
 //! streams), `usage` (telemetry windows), `metrics` (`/metrics`),
-//! `credential` (provider keys), `rtt` (kernel RTT per endpoint).
+//! `credential` (provider keys), `rtt` (kernel RTT per endpoint), `persist`
+//! (the saved table a restart serves from), `origin` (where the table in
+//! force came from, and whether its weights still hold).
 #![forbid(unsafe_code)]
 
 pub mod balance;
@@ -18,6 +20,8 @@ pub mod control;
 pub mod credential;
 pub mod health;
 pub mod metrics;
+pub mod origin;
+pub mod persist;
 pub mod pool;
 pub mod proxy;
 pub mod reply;
@@ -39,8 +43,9 @@ use pingora::server::Server;
 
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
-    /// Control plane gRPC address, `host:port`.
-    pub control: String,
+    /// Where tables from the control plane are saved, and read back at
+    /// start; `None`: not saved.
+    pub state_dir: Option<std::path::PathBuf>,
     /// Where the app connects, `host:port`.
     pub listen: String,
     pub sidecar_id: String,
@@ -75,7 +80,7 @@ pub enum SidecarError {
 
 /// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
 /// stops at once. Never returns on success.
-pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), SidecarError> {
     // pingora retries a taken port for 30 s, then panics in its service
     // thread and leaves the process up with nothing listening; a sidecar
     // that cannot take its port must say so and exit at once instead.
@@ -100,15 +105,24 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         live.clone(),
         rtt.clone(),
     ));
-    control::ControlClient {
-        address: config.control.clone(),
-        sidecar_id: config.sidecar_id.clone(),
+    let from = match &source {
+        control::TableSource::Control { address } => address.clone(),
+        control::TableSource::Local(_) => "a local policy file".to_string(),
+    };
+    let save_to = match &source {
+        control::TableSource::Control { .. } => config
+            .state_dir
+            .as_deref()
+            .map(|d| persist::file_for(d, &config.listen)),
+        control::TableSource::Local(_) => None,
+    };
+    let applier = control::Applier {
         tables: tables.clone(),
         live: live.clone(),
         metrics: metrics.clone(),
-        rtt: rtt.clone(),
-    }
-    .spawn()?;
+        save_to,
+    };
+    control::spawn(source, config.sidecar_id.clone(), applier, rtt.clone())?;
 
     let conf = ServerConf {
         threads: config.threads,
@@ -141,6 +155,6 @@ pub fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, sidecar);
     service.add_tcp(&config.listen);
     server.add_service(service);
-    tracing::info!(listen = %config.listen, control = %config.control, "sidecar starting");
+    tracing::info!(listen = %config.listen, tables_from = %from, "sidecar starting");
     server.run_forever()
 }

@@ -341,6 +341,34 @@ impl Collector for LiveGauges {
         )?;
         prometheus_client::metrics::gauge::ConstGauge::new(version as i64).encode(m)?;
 
+        let origin = &self.live.origin;
+        let from = origin.source();
+        let mut m = encoder.encode_descriptor(
+            "switchyard_table_source",
+            "1 for where the table in force came from: control-plane, persisted (saved by an earlier run; the control plane has not answered yet), policy-file (standalone), none",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in crate::origin::Source::ALL {
+            m.encode_family(&[("source", s.label())])?
+                .encode_gauge(&i64::from(s == from))?;
+        }
+        for (name, help, v) in [
+            (
+                "switchyard_weights_expired",
+                "1 while the table's weights have outlived their TTL without the control plane and the sidecar balances on local signals alone",
+                origin.weights_expired(),
+            ),
+            (
+                "switchyard_control_connected",
+                "1 while the Watch stream to the control plane is up",
+                origin.control_connected(),
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            prometheus_client::metrics::gauge::ConstGauge::new(i64::from(v)).encode(m)?;
+        }
+
         let now = Instant::now();
         let mut states = self.live.endpoints.all();
         states.sort_by(|a, b| a.0.cmp(&b.0));

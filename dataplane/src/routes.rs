@@ -81,10 +81,20 @@ pub async fn serve(
             // port is the one it started, not an older sidecar still bound
             // there.
             let pid = std::process::id();
+            let origin = &sc.live.origin;
             let (status, body) = match sc.tables.load_full() {
                 Some(t) => (
                     200,
-                    format!("ready: table version {}, pid {pid}\n", t.version),
+                    format!(
+                        "ready: table version {}, from {}, weights {}, pid {pid}\n",
+                        t.version,
+                        origin.source().label(),
+                        if origin.weights_expired() {
+                            "expired (balancing on local signals)"
+                        } else {
+                            "trusted"
+                        },
+                    ),
                 ),
                 None => (
                     503,

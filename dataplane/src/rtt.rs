@@ -175,6 +175,7 @@ mod tests {
                 ..Default::default()
             }],
             default_class: "standard".into(),
+            weights_ttl_ms: 0,
         };
         let addrs = [("near\"one".to_string(), a), ("far".to_string(), b)]
             .into_iter()

@@ -26,6 +26,8 @@ use crate::retry::{RetryBudget, RetryBudgets};
 pub struct Live {
     pub endpoints: Endpoints,
     pub retry_budgets: RetryBudgets,
+    /// Where the table in force came from; whether its weights still hold.
+    pub origin: crate::origin::Origin,
 }
 
 /// The request path every endpoint serves chat completions on, after its
@@ -130,11 +132,28 @@ pub struct Route {
     /// Weighted first choice; `None` when the class gives no weight to any
     /// endpoint serving the model, in which case the fallback chain leads.
     pub choice: Option<WeightedChoice<Arc<Endpoint>>>,
+    /// The first choice once the weights have expired: equal shares over
+    /// the weighted endpoints, so local signals alone (peak-EWMA latency,
+    /// in-flight requests, ejections) balance them. Endpoints given under a
+    /// tenth of the largest weight (the control plane's exploration and
+    /// standby shares) stay out: an expired table must not send half the
+    /// traffic to a standby priced for emergencies.
+    pub local: Option<WeightedChoice<Arc<Endpoint>>>,
     /// Endpoints serving the model that the class may use, in failover order.
     pub chain: Vec<Arc<Endpoint>>,
 }
 
 impl Route {
+    /// The first choice: the pushed weights, or local balancing once they
+    /// expired.
+    pub fn first_choice(&self, weights_expired: bool) -> Option<&WeightedChoice<Arc<Endpoint>>> {
+        if weights_expired {
+            self.local.as_ref()
+        } else {
+            self.choice.as_ref()
+        }
+    }
+
     /// The endpoints the class prefers: the weighted ones, else the head of
     /// the chain.
     pub fn preferred(&self) -> &[Arc<Endpoint>] {
@@ -193,6 +212,8 @@ pub struct Table {
     pub max_priority: u32,
     /// `/v1/models` answer, rendered once per table.
     pub models_json: Bytes,
+    /// How long the weights hold without the control plane; `None`: forever.
+    pub weights_ttl: Option<Duration>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -373,18 +394,32 @@ impl Table {
             let by_model = models
                 .iter()
                 .map(|m| {
-                    let choice = WeightedChoice::new(
+                    let weighted = || {
                         weights
                             .iter()
                             .filter(|(i, _)| serves(i, m))
-                            .filter_map(|(i, w)| Some((by_index(*i)?, *w))),
+                            .filter_map(|(i, w)| Some((by_index(*i)?, *w)))
+                    };
+                    let choice = WeightedChoice::new(weighted());
+                    let top = weighted().map(|(_, w)| w).fold(0.0, f64::max);
+                    let local = WeightedChoice::new(
+                        weighted()
+                            .filter(|(_, w)| *w >= top * 0.1)
+                            .map(|(e, _)| (e, 1.0)),
                     );
                     let chain = chain
                         .iter()
                         .filter(|i| serves(i, m))
                         .filter_map(|i| by_index(*i))
                         .collect();
-                    (m.clone(), Route { choice, chain })
+                    (
+                        m.clone(),
+                        Route {
+                            choice,
+                            local,
+                            chain,
+                        },
+                    )
                 })
                 .collect();
             let ms = |v: u32, default: Duration| {
@@ -464,6 +499,8 @@ impl Table {
             default_class,
             models,
             models_json,
+            weights_ttl: (t.weights_ttl_ms > 0)
+                .then(|| Duration::from_millis(t.weights_ttl_ms.into())),
         })
     }
 
@@ -556,6 +593,7 @@ mod tests {
                 },
             ],
             default_class: "std".into(),
+            weights_ttl_ms: 0,
         }
     }
 

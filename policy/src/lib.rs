@@ -209,6 +209,10 @@ pub struct Routing {
     /// Endpoints whose blended prices are within this fraction of each other
     /// count as equally cheap (and interactive classes order them by RTT).
     pub cost_tolerance: f64,
+    /// How long sidecars trust pushed weights once the control plane is
+    /// away; past it they balance by their own signals over the same
+    /// endpoints. 0: forever.
+    pub weights_ttl_ms: u32,
 }
 
 impl Default for Routing {
@@ -224,6 +228,7 @@ impl Default for Routing {
             min_ejection_ms: 10_000,
             max_ejection_ms: 120_000,
             cost_tolerance: 0.1,
+            weights_ttl_ms: 60_000,
         }
     }
 }
@@ -528,6 +533,12 @@ impl Routing {
             ));
         }
         within("cost_tolerance", self.cost_tolerance, 0.0, 10.0)?;
+        if self.weights_ttl_ms != 0 && self.weights_ttl_ms < 1000 {
+            return Err((
+                at("weights_ttl_ms"),
+                "must be 0 (never expire) or at least 1000: a shorter TTL expires between two reconnects".into(),
+            ));
+        }
         if self.min_ejection_ms == 0 || self.min_ejection_ms > self.max_ejection_ms {
             return Err((
                 at("min_ejection_ms"),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::errors::RequestError;
 use super::intake::route_error;
 use crate::shed::{Admission, Candidate};
-use crate::table::{Class, Degrade, Route, Table};
+use crate::table::{Class, Degrade, Endpoint, Route, Table};
 
 /// What a route's preferred endpoints look like right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,9 +115,21 @@ pub fn preferred(route: &Route, now: Instant) -> Preferred {
     p
 }
 
-/// Whether any endpoint `route` may use is below capacity.
-pub fn room(route: &Route) -> bool {
-    route.candidates().any(|e| !e.at_capacity())
+/// The endpoints a request on `route` may wait for: those available now
+/// (not ejected, not throttled); only when none is, all of them (the
+/// request is then tried anyway, since the chain may have recovered).
+/// Waiting for a busy healthy endpoint beats an attempt on one the sidecar
+/// itself ejected, which would fail with a connection error.
+pub fn waitable(route: &Route, now: Instant) -> impl Iterator<Item = &Arc<Endpoint>> {
+    let any_available = route.candidates().any(|e| e.state.available(now));
+    route
+        .candidates()
+        .filter(move |e| !any_available || e.state.available(now))
+}
+
+/// Whether an endpoint the request may wait for is below capacity.
+pub fn room(route: &Route, now: Instant) -> bool {
+    waitable(route, now).any(|e| !e.at_capacity())
 }
 
 /// A request admitted: where it goes and what it sends.
@@ -154,7 +166,7 @@ pub async fn enter<'t>(
             preferred(a.route, now),
             class.degrade.as_ref(),
             a.degraded.is_some(),
-            room(a.route),
+            room(a.route, now),
         );
         match decision {
             Admit::Go => return Ok(a),
@@ -191,9 +203,7 @@ pub async fn enter<'t>(
                 }
             }
             Admit::Queue => {
-                let waiting_for = a
-                    .route
-                    .candidates()
+                let waiting_for = waitable(a.route, now)
                     .map(|e| Candidate {
                         state: Arc::clone(&e.state),
                         capacity: e.capacity,

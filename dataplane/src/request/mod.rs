@@ -131,7 +131,7 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         may_exceed_spend: admitted.may_exceed_spend,
     };
     let first = pick::first(
-        route.choice.as_ref(),
+        route.first_choice(sc.live.origin.weights_expired()),
         &route.chain,
         [fastrand::f64(), fastrand::f64(), fastrand::f64()],
         &facts,

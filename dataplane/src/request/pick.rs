@@ -47,6 +47,8 @@ pub trait Facts<T> {
     /// Whether the request may use it now (not ejected or throttled, below
     /// capacity, within its spend budget unless the request may exceed it).
     fn usable(&self, e: &T) -> bool;
+    /// Whether it is neither ejected nor throttled (at capacity or not).
+    fn available(&self, e: &T) -> bool;
     /// Load-weighted latency (lower is better).
     fn cost(&self, e: &T) -> f64;
 }
@@ -67,6 +69,9 @@ impl Facts<Arc<Endpoint>> for Now {
     fn usable(&self, e: &Arc<Endpoint>) -> bool {
         e.usable_for(self.at, self.may_exceed_spend)
     }
+    fn available(&self, e: &Arc<Endpoint>) -> bool {
+        e.state.available(self.at)
+    }
     fn cost(&self, e: &Arc<Endpoint>) -> f64 {
         e.state.cost()
     }
@@ -74,9 +79,12 @@ impl Facts<Arc<Endpoint>> for Now {
 
 /// The first endpoint: two weighted draws (`u[0]`, `u[1]`), the less loaded
 /// usable one; with no usable weighted endpoint, the first usable one of
-/// the chain; with none usable at all, a weighted draw (`u[2]`) or the head
-/// of the chain, tried anyway rather than failing without an attempt.
-/// `None` only for a route with no endpoint.
+/// the chain; with none usable, the least loaded available one (healthy
+/// but at capacity: admission let the request through, so a slot was free
+/// a moment ago, and one request over capacity beats a certain connection
+/// error from an ejected endpoint); with none available at all, a weighted
+/// draw (`u[2]`) or the head of the chain, tried anyway rather than failing
+/// without an attempt. `None` only for a route with no endpoint.
 pub fn first<'r, T>(
     choice: Option<&'r WeightedChoice<T>>,
     chain: &'r [T],
@@ -86,8 +94,16 @@ pub fn first<'r, T>(
     choice
         .and_then(|c| pick_p2c(c, u[0], u[1], |e| facts.usable(e), |e| facts.cost(e)))
         .or_else(|| next_in_chain(chain, &Tried::default(), facts))
+        .or_else(|| least_loaded_available(chain, facts))
         .or_else(|| choice.and_then(|c| c.pick(u[2])))
         .or_else(|| chain.first())
+}
+
+fn least_loaded_available<'r, T>(chain: &'r [T], facts: &impl Facts<T>) -> Option<&'r T> {
+    chain
+        .iter()
+        .filter(|e| facts.available(e))
+        .min_by(|a, b| facts.cost(a).total_cmp(&facts.cost(b)))
 }
 
 /// The first endpoint of the chain not tried yet and usable now.
@@ -149,9 +165,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Endpoints are their ids; `down` ones are unusable, cost is `costs[id]`.
+    /// Endpoints are their ids; `down` ones are unusable (ejected), `busy`
+    /// ones unusable but available (at capacity); cost is `costs[id]`.
     struct Known {
         down: Vec<usize>,
+        busy: Vec<usize>,
         costs: Vec<f64>,
     }
 
@@ -160,6 +178,9 @@ mod tests {
             *e
         }
         fn usable(&self, e: &usize) -> bool {
+            !self.down.contains(e) && !self.busy.contains(e)
+        }
+        fn available(&self, e: &usize) -> bool {
             !self.down.contains(e)
         }
         fn cost(&self, e: &usize) -> f64 {
@@ -170,8 +191,25 @@ mod tests {
     fn known(down: &[usize]) -> Known {
         Known {
             down: down.to_vec(),
+            busy: Vec::new(),
             costs: vec![1.0; 8],
         }
+    }
+
+    #[test]
+    fn a_busy_healthy_endpoint_beats_an_ejected_one() {
+        // The on-prem endpoint (0) is ejected, the fallback (1) at capacity:
+        // the request goes to the fallback, never to the dead endpoint.
+        let choice = WeightedChoice::new([(0, 0.9), (1, 0.1)]).unwrap();
+        let chain = [0, 1, 2];
+        let mut k = known(&[0]);
+        k.busy = vec![1, 2];
+        k.costs = vec![1.0, 3.0, 2.0];
+        for u in [0.0, 0.3, 0.95] {
+            assert_eq!(first(Some(&choice), &chain, [u, u, u], &k), Some(&2));
+        }
+        k.costs = vec![1.0, 1.0, 2.0];
+        assert_eq!(first(Some(&choice), &chain, [0.0; 3], &k), Some(&1));
     }
 
     fn tried(ids: &[usize]) -> Tried {
@@ -304,6 +342,7 @@ mod tests {
             let chain: Vec<usize> = (0..n).collect();
             let k = Known {
                 down: (0..8).filter(|i| down[*i]).collect(),
+                busy: Vec::new(),
                 costs: vec![1.0; 8],
             };
             let mut t = Tried::default();
