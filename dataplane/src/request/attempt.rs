@@ -114,6 +114,9 @@ pub struct Attempt<'a, 'r> {
     pub body: &'r Bytes,
     pub ttft: Duration,
     pub deadline: Instant,
+    /// Highest class priority in the table: the request's share of the
+    /// queue when a fallback has to wait for capacity.
+    pub max_priority: u32,
 }
 
 impl<'a> Attempt<'a, '_> {

@@ -10,6 +10,7 @@ use switchyard_wire::error::ApiError;
 
 use super::admit::Why;
 use super::attempt::AttemptError;
+use super::pick::StopReason;
 use crate::shed::Shed;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +43,14 @@ pub enum RequestError {
     },
     #[error("every endpoint for class `{class}` is at capacity: {why}")]
     Shed { class: Arc<str>, why: Shed },
-    #[error("{} (after {attempts} attempts)", upstream_message(last))]
-    Upstream { last: AttemptError, attempts: u8 },
+    #[error("{} (after {attempts} attempts; {ended})", upstream_message(last))]
+    Upstream {
+        last: AttemptError,
+        attempts: u8,
+        /// Why no further attempt was made: the real cause, when the last
+        /// error alone would blame one endpoint.
+        ended: StopReason,
+    },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("Invalid URL ({method} {path})")]
@@ -207,6 +214,7 @@ mod tests {
                 RequestError::Upstream {
                     last: AttemptError::Timeout(Duration::from_millis(50)),
                     attempts: 2,
+                    ended: StopReason::Exhausted,
                 },
                 504,
                 "server_error",
@@ -219,6 +227,7 @@ mod tests {
                         retry_after: Some(Duration::from_secs(7)),
                     },
                     attempts: 1,
+                    ended: StopReason::Exhausted,
                 },
                 429,
                 "rate_limit_error",
@@ -228,6 +237,7 @@ mod tests {
                 RequestError::Upstream {
                     last: AttemptError::Connect("refused".into()),
                     attempts: 3,
+                    ended: StopReason::Exhausted,
                 },
                 503,
                 "server_error",
@@ -240,6 +250,7 @@ mod tests {
                         retry_after: None,
                     },
                     attempts: 1,
+                    ended: StopReason::Exhausted,
                 },
                 502,
                 "server_error",
@@ -252,6 +263,7 @@ mod tests {
                         stale: false,
                     },
                     attempts: 1,
+                    ended: StopReason::Exhausted,
                 },
                 502,
                 "server_error",
@@ -292,8 +304,9 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7)),
             },
             attempts: 2,
+            ended: StopReason::Exhausted,
         });
-        assert_eq!(m, "every endpoint tried is rate limited (after 2 attempts)");
+        assert_eq!(m, "every endpoint tried is rate limited (after 2 attempts; no other endpoint is up)");
         assert_eq!(retry, Some(7));
         let (_, _, _, m, retry) = api(RequestError::Shed {
             class: Arc::from("low"),
@@ -316,8 +329,9 @@ mod tests {
         let (_, _, _, m, _) = api(RequestError::Upstream {
             last: AttemptError::Timeout(Duration::from_millis(250)),
             attempts: 1,
+            ended: StopReason::Exhausted,
         });
-        assert_eq!(m, "no first token within 250 ms (after 1 attempts)");
+        assert_eq!(m, "no first token within 250 ms (after 1 attempts; no other endpoint is up)");
     }
 
     #[test]

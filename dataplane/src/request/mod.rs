@@ -29,8 +29,9 @@ use tokio::time::Instant;
 use self::attempt::{Attempt, AttemptError, Opened, Slot};
 use self::errors::RequestError;
 use self::hedge::Outcomes;
-use self::pick::{Next, Now, Tried};
+use self::pick::{Next, Now, StopReason, Tried};
 use crate::metrics::Action;
+use crate::shed::Candidate;
 use crate::proxy::{RequestCtx, Sidecar};
 use crate::table::{Class, Endpoint};
 
@@ -124,6 +125,7 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         body: &body,
         ttft: class.ttft_timeout,
         deadline,
+        max_priority: table.max_priority,
     };
     let route = admitted.route;
     let facts = Now {
@@ -198,7 +200,7 @@ async fn attempts<'a>(
     let mut reconnected = false;
     let mut next = first;
     let mut last: Option<(&Arc<Endpoint>, AttemptError)> = None;
-    loop {
+    let ended = loop {
         let facts = Now {
             at: StdInstant::now(),
             may_exceed_spend,
@@ -237,6 +239,18 @@ async fn attempts<'a>(
         let Some((failed, err)) = &last else {
             return Err(RequestError::NoRoute(String::new()));
         };
+        let retry = |e: &Arc<Endpoint>| {
+            if !class.retry.lock().try_retry(StdInstant::now()) {
+                class.counters.retry_budget_exhausted.inc();
+                return false;
+            }
+            if let Some(pair) = class.pair(e) {
+                class
+                    .counters
+                    .action(&sc.metrics, pair, &e.name, Action::Fallback);
+            }
+            true
+        };
         let facts = Now {
             at: StdInstant::now(),
             may_exceed_spend,
@@ -256,18 +270,33 @@ async fn attempts<'a>(
                 e
             }
             Next::Fallback(e) => {
-                if !class.retry.lock().try_retry(StdInstant::now()) {
-                    class.counters.retry_budget_exhausted.inc();
-                    break;
-                }
-                if let Some(pair) = class.pair(e) {
-                    class
-                        .counters
-                        .action(&sc.metrics, pair, &e.name, Action::Fallback);
+                if !retry(e) {
+                    break StopReason::RetryBudget;
                 }
                 e
             }
-            Next::Stop(_) => break,
+            Next::Wait(e) => {
+                if !retry(e) {
+                    break StopReason::RetryBudget;
+                }
+                let waiting_for = vec![Candidate {
+                    state: Arc::clone(&e.state),
+                    capacity: e.capacity,
+                }];
+                if let Err(why) = attempt
+                    .queue
+                    .wait(class.priority, attempt.max_priority, attempt.deadline, waiting_for)
+                    .await
+                {
+                    class.counters.sheds.inc();
+                    return Err(RequestError::Shed {
+                        class: class.name.clone(),
+                        why,
+                    });
+                }
+                e
+            }
+            Next::Stop(reason) => break reason,
         };
         if let Some(pair) = class.pair(to) {
             class
@@ -275,11 +304,12 @@ async fn attempts<'a>(
                 .action(&sc.metrics, pair, &to.name, Action::Retry);
         }
         next = to;
-    }
+    };
     match last {
         Some((_, last)) => Err(RequestError::Upstream {
             last,
             attempts: ctx.attempts,
+            ended,
         }),
         None => Err(RequestError::NoRoute(String::new())),
     }

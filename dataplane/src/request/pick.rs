@@ -47,7 +47,9 @@ pub trait Facts<T> {
     /// Whether the request may use it now (not ejected or throttled, below
     /// capacity, within its spend budget unless the request may exceed it).
     fn usable(&self, e: &T) -> bool;
-    /// Whether it is neither ejected nor throttled (at capacity or not).
+    /// Whether the request could use it but for its capacity: neither
+    /// ejected nor throttled, and within its spend budget unless the
+    /// request may exceed it.
     fn available(&self, e: &T) -> bool;
     /// Load-weighted latency (lower is better).
     fn cost(&self, e: &T) -> f64;
@@ -70,7 +72,7 @@ impl Facts<Arc<Endpoint>> for Now {
         e.usable_for(self.at, self.may_exceed_spend)
     }
     fn available(&self, e: &Arc<Endpoint>) -> bool {
-        e.state.available(self.at)
+        (self.may_exceed_spend || !e.over_spend_budget) && e.state.available(self.at)
     }
     fn cost(&self, e: &Arc<Endpoint>) -> f64 {
         e.state.cost()
@@ -122,6 +124,10 @@ pub enum Next<'r, T> {
     Reconnect(&'r T),
     /// Another endpoint, charged to the retry budget.
     Fallback(&'r T),
+    /// Another endpoint, healthy but at capacity: wait for a slot on it
+    /// (within the deadline), then try it, charged to the retry budget.
+    /// Waiting beats giving up while a healthy endpoint is merely busy.
+    Wait(&'r T),
     Stop(StopReason),
 }
 
@@ -129,8 +135,21 @@ pub enum Next<'r, T> {
 pub enum StopReason {
     Deadline,
     MaxAttempts,
-    /// Every endpoint of the chain was tried or is unusable.
+    /// Every endpoint of the chain was tried or is down.
     Exhausted,
+    /// The class's retry budget is spent.
+    RetryBudget,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Deadline => "the request's deadline passed",
+            StopReason::MaxAttempts => "the attempt limit was reached",
+            StopReason::Exhausted => "no other endpoint is up",
+            StopReason::RetryBudget => "the class's retry budget is spent",
+        })
+    }
 }
 
 /// After `failed` failed: `stale` when it failed on a pooled connection
@@ -154,8 +173,14 @@ pub fn next_attempt<'r, T>(
     if stale && !reconnected {
         return Next::Reconnect(failed);
     }
-    match next_in_chain(chain, tried, facts) {
-        Some(e) => Next::Fallback(e),
+    if let Some(e) = next_in_chain(chain, tried, facts) {
+        return Next::Fallback(e);
+    }
+    match chain
+        .iter()
+        .find(|e| !tried.contains(facts.id(e)) && facts.available(e))
+    {
+        Some(e) => Next::Wait(e),
         None => Next::Stop(StopReason::Exhausted),
     }
 }
@@ -194,6 +219,22 @@ mod tests {
             busy: Vec::new(),
             costs: vec![1.0; 8],
         }
+    }
+
+    #[test]
+    fn after_a_failure_a_busy_healthy_endpoint_is_waited_for_not_given_up() {
+        let chain = [0, 1, 2];
+        let mut k = known(&[2]);
+        k.busy = vec![1];
+        assert_eq!(
+            next_attempt(&0, false, false, &tried(&[0]), &chain, false, &k),
+            Next::Wait(&1)
+        );
+        k.down = vec![1, 2];
+        assert_eq!(
+            next_attempt(&0, false, false, &tried(&[0]), &chain, false, &k),
+            Next::Stop(StopReason::Exhausted)
+        );
     }
 
     #[test]
@@ -336,13 +377,14 @@ mod tests {
         fn retries_never_repeat_and_stay_bounded(
             n in 1usize..8,
             down in proptest::collection::vec(any::<bool>(), 8),
+            busy in proptest::collection::vec(any::<bool>(), 8),
             stale in proptest::collection::vec(any::<bool>(), 8),
             u in proptest::array::uniform3(0.0f64..1.0),
         ) {
             let chain: Vec<usize> = (0..n).collect();
             let k = Known {
                 down: (0..8).filter(|i| down[*i]).collect(),
-                busy: Vec::new(),
+                busy: (0..8).filter(|i| busy[*i]).collect(),
                 costs: vec![1.0; 8],
             };
             let mut t = Tried::default();
@@ -361,7 +403,21 @@ mod tests {
                         prop_assert!(k.usable(e));
                         at = *e;
                     }
-                    Next::Stop(_) => break,
+                    Next::Wait(e) => {
+                        prop_assert!(!attempts.contains(e), "{e} tried twice: {attempts:?}");
+                        // Only a busy endpoint is waited for, and only when
+                        // no untried one is free.
+                        prop_assert!(k.available(e) && !k.usable(e));
+                        prop_assert!(next_in_chain(&chain, &t, &k).is_none());
+                        at = *e;
+                    }
+                    Next::Stop(reason) => {
+                        // Stopping early leaves nothing untried that is up.
+                        if reason == StopReason::Exhausted {
+                            prop_assert!(chain.iter().all(|e| t.contains(*e) || !k.available(e)));
+                        }
+                        break;
+                    }
                 }
                 attempts.push(at);
                 t.push(at);
