@@ -20,7 +20,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `bin args`, with stderr going to `dir/name.log`.
+    /// Spawns `bin args` in the working directory `dir` (so whatever it
+    /// keeps by default stays in the run's directory), with stderr going
+    /// to `dir/name.log`.
     pub fn spawn(bin: &Path, args: &[String], dir: &Path, name: &str) -> anyhow::Result<Proc> {
         Self::spawn_inner(bin, args, dir, name, None)
     }
@@ -49,6 +51,7 @@ impl Proc {
         let stderr = std::fs::File::create(&log).with_context(|| format!("creating {log:?}"))?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -283,6 +286,7 @@ pub async fn start_sidecar_in(
             &addr.to_string(),
         ]);
         a.extend(strings(extra));
+        default_state_dir(&mut a, dir);
         let mut proc = match cgroup {
             Some(cg) => Proc::spawn_in_cgroup(bin, &a, dir, "sidecar", cg)?,
             None => Proc::spawn(bin, &a, dir, "sidecar")?,
@@ -308,6 +312,48 @@ pub async fn start_sidecar_in(
         }
     }
     bail!("no free port held for the sidecar in {PORTS} tries\n--- last sidecar log:\n{last_log}")
+}
+
+/// Starts a sidecar named `name` (its log is `dir/name.log`) with `args`
+/// (all but `--listen`) on `addr`, and waits until it applied a table. The
+/// address is given, not chosen: a restarted sidecar keeps its address, and
+/// with it the table it saved.
+pub async fn start_sidecar_on(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    args: &[&str],
+    http: &reqwest::Client,
+) -> anyhow::Result<Proc> {
+    let mut a = strings(&["sidecar", "--listen", &addr.to_string()]);
+    a.extend(strings(args));
+    default_state_dir(&mut a, dir);
+    let mut proc = Proc::spawn(bin, &a, dir, name)?;
+    match wait_own_ready(&mut proc, http, addr, Duration::from_secs(60)).await {
+        Start::Ready => Ok(proc),
+        Start::Taken => bail!("another process answers on {addr}"),
+        Start::Exited => bail!(
+            "{name} exited before it was ready\n--- log:\n{}",
+            proc.log_text()
+        ),
+        Start::NotReady(e) => bail!("{name} not ready: {e}\n--- log:\n{}", proc.log_text()),
+    }
+}
+
+/// Where a test's sidecars save their tables, unless the caller says:
+/// the run directory, never the working directory of the test.
+pub fn sidecar_state_dir(dir: &Path) -> PathBuf {
+    dir.join("sidecar-state")
+}
+
+fn default_state_dir(a: &mut Vec<String>, dir: &Path) {
+    if !a.iter().any(|x| x == "--state-dir") {
+        a.extend([
+            "--state-dir".to_string(),
+            sidecar_state_dir(dir).display().to_string(),
+        ]);
+    }
 }
 
 enum Start {

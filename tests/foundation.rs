@@ -10,35 +10,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use async_openai::config::OpenAIConfig;
-use async_openai::types::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs};
 use common::{Stack, MODEL};
 use futures::StreamExt;
 use switchyard::cluster;
-
-fn openai(stack: &Stack) -> async_openai::Client<OpenAIConfig> {
-    async_openai::Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(stack.url("/v1"))
-            .with_api_key("app-key-not-for-providers"),
-    )
-}
-
-async fn mock_content(stack: &Stack, mock: usize, id: &str) -> String {
-    let v: serde_json::Value = stack
-        .http
-        .get(stack.mocks[mock].url(&format!("/admin/completions/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["content"]
-        .as_str()
-        .unwrap_or_else(|| panic!("mock has no completion {id}: {v}"))
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_client_gets_exactly_what_the_provider_produced() {
@@ -53,46 +27,7 @@ async fn an_openai_client_gets_exactly_what_the_provider_produced() {
         &[],
     )
     .await;
-    let client = openai(&stack);
-    let request = CreateChatCompletionRequestArgs::default()
-        .model(MODEL)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content("Say something")
-            .build()
-            .unwrap()
-            .into()])
-        .build()
-        .unwrap();
-
-    let r = client
-        .chat()
-        .create(request.clone())
-        .await
-        .expect("non-streamed answer");
-    let content = r.choices[0].message.content.clone().expect("content");
-    assert_eq!(content, mock_content(&stack, 0, &r.id).await);
-    assert_eq!(content.split(' ').count(), 40);
-    assert_eq!(r.usage.expect("usage").completion_tokens, 40);
-
-    let mut stream = client
-        .chat()
-        .create_stream(request)
-        .await
-        .expect("stream opens");
-    let mut streamed = String::new();
-    let mut id = String::new();
-    let mut chunks = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("chunk parses");
-        id = chunk.id.clone();
-        chunks += 1;
-        if let Some(c) = chunk.choices.first().and_then(|c| c.delta.content.clone()) {
-            streamed.push_str(&c);
-        }
-    }
-    assert!(chunks > 40, "streamed chunk by chunk, got {chunks} chunks");
-    assert_eq!(streamed, mock_content(&stack, 0, &id).await);
-    assert_eq!(streamed.split(' ').count(), 40);
+    common::openai_client_round_trip(&stack.url("/v1"), &stack.mocks[0], &stack.http).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

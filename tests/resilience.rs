@@ -684,3 +684,54 @@ async fn degradation_routes_to_a_smaller_model_or_rejects_visibly() {
     );
     stack.sidecar.kill().await.unwrap();
 }
+
+/// On-prem dead, the fallback at its capacity, more streams than it can
+/// take at once: every request waits for the fallback (admission queue, or
+/// a failed attempt's wait for a slot) instead of being sent to the
+/// endpoint the sidecar itself ejected, so none is answered with the dead
+/// endpoint's connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_prem_dead_and_the_fallback_full_requests_wait_for_the_fallback() {
+    const MOCKS: [(&str, &str, &[&str]); 2] = [
+        ("onprem-a", "onprem", &[]),
+        (
+            "fallback-c",
+            "fallback",
+            &["--output-tokens", "8", "--inter-token-ms", "5"],
+        ),
+    ];
+    let mut stack = Stack::start_with(
+            "busydead",
+            &MOCKS,
+            |m| {
+                let eps: Vec<PolicyEndpoint<'_>> = m
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| PolicyEndpoint {
+                        name: &m.name,
+                        addr: m.addr,
+                        tier: &m.tier,
+                        model: MODEL,
+                        price_in: i as f64,
+                        price_out: i as f64,
+                    })
+                    .collect();
+                let class = "  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 20000\n    weights: { onprem-a: 1 }\n";
+                cluster::policy_with_classes(&eps, "standard", class)
+                    .replace("  - name: fallback-c\n", "  - name: fallback-c\n    capacity: 2\n")
+            },
+            &[],
+        )
+        .await;
+    stack.mocks[0].proc.kill().await.unwrap();
+    let stack = Arc::new(stack);
+    let n = 120;
+    let answers = run(&stack, n, 6).await;
+    let failed: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status != 200 || a.stream_error().is_some())
+        .collect();
+    assert!(failed.is_empty(), "{}", brief(&answers));
+    assert_eq!(served_by(&answers, "fallback-c"), n, "{}", brief(&answers));
+    check(&stack, &answers, n).await;
+}

@@ -93,7 +93,11 @@ pub struct Applier {
 impl Applier {
     /// Compiles and applies `t`. A table that does not compile changes
     /// nothing: the error is the NACK's reason.
-    pub async fn apply(&self, t: &pb::RoutingTable, source: Source) -> Result<(), table::TableError> {
+    pub async fn apply(
+        &self,
+        t: &pb::RoutingTable,
+        source: Source,
+    ) -> Result<(), table::TableError> {
         let addrs = table::resolve(t).await?;
         let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
         self.tables.store(Some(Arc::new(compiled)));
@@ -103,8 +107,12 @@ impl Applier {
                 // Applied either way: a disk that refuses the file costs the
                 // next cold start its table, not this table its traffic.
                 match persist::save(path, t) {
-                    Ok(()) => tracing::debug!(version = t.version, path = %path.display(), "table saved"),
-                    Err(e) => tracing::warn!(error = %e, "cannot save the routing table; a restart without the control plane will not have it"),
+                    Ok(()) => {
+                        tracing::debug!(version = t.version, path = %path.display(), "table saved")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot save the routing table; a restart without the control plane will not have it")
+                    }
                 }
             }
         }
@@ -265,9 +273,14 @@ impl ControlClient {
         loop {
             let err = self.watch_once(&mut backoff).await;
             let delay = backoff.next(fastrand::f64());
-            let version = self.tables().load().as_ref().map_or(0, |t| t.version);
-            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, routing_on = version,
-                "control plane unavailable; routing on the last good table");
+            match self.tables().load().as_ref().map(|t| t.version) {
+                Some(version) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                    routing_on = version, "control plane unavailable; routing on the last good table")
+                }
+                None => tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                    "control plane unavailable and no table yet; requests get 503 not_ready"),
+            }
             tokio::time::sleep(delay).await;
         }
     }

@@ -504,3 +504,75 @@ fn value(s: &prometheus_parse::Sample) -> f64 {
         ref other => panic!("{} is not a single value: {other:?}", s.metric),
     }
 }
+
+/// What the mock `mock` says it produced for completion `id`.
+pub async fn mock_content(http: &reqwest::Client, mock: &Mock, id: &str) -> String {
+    let v: serde_json::Value = http
+        .get(mock.url(&format!("/admin/completions/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("mock has no completion {id}: {v}"))
+        .to_string()
+}
+
+/// An independent OpenAI client (async-openai) at `base` (`.../v1`) gets,
+/// streamed and not, exactly the 40 tokens `mock` produced (the mock must
+/// run with `--output-tokens 40`), with usage.
+pub async fn openai_client_round_trip(base: &str, mock: &Mock, http: &reqwest::Client) {
+    use async_openai::config::OpenAIConfig;
+    use async_openai::types::{
+        ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+    };
+    use futures::StreamExt;
+
+    let client = async_openai::Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(base)
+            .with_api_key("app-key-not-for-providers"),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model(MODEL)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("Say something")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+
+    let r = client
+        .chat()
+        .create(request.clone())
+        .await
+        .expect("non-streamed answer");
+    let content = r.choices[0].message.content.clone().expect("content");
+    assert_eq!(content, mock_content(http, mock, &r.id).await);
+    assert_eq!(content.split(' ').count(), 40);
+    assert_eq!(r.usage.expect("usage").completion_tokens, 40);
+
+    let mut stream = client
+        .chat()
+        .create_stream(request)
+        .await
+        .expect("stream opens");
+    let mut streamed = String::new();
+    let mut id = String::new();
+    let mut chunks = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk parses");
+        id = chunk.id.clone();
+        chunks += 1;
+        if let Some(c) = chunk.choices.first().and_then(|c| c.delta.content.clone()) {
+            streamed.push_str(&c);
+        }
+    }
+    assert!(chunks > 40, "streamed chunk by chunk, got {chunks} chunks");
+    assert_eq!(streamed, mock_content(http, mock, &id).await);
+    assert_eq!(streamed.split(' ').count(), 40);
+}

@@ -306,7 +306,10 @@ mod tests {
             attempts: 2,
             ended: StopReason::Exhausted,
         });
-        assert_eq!(m, "every endpoint tried is rate limited (after 2 attempts; no other endpoint is up)");
+        assert_eq!(
+            m,
+            "every endpoint tried is rate limited (after 2 attempts; no other endpoint is up)"
+        );
         assert_eq!(retry, Some(7));
         let (_, _, _, m, retry) = api(RequestError::Shed {
             class: Arc::from("low"),
@@ -331,7 +334,10 @@ mod tests {
             attempts: 1,
             ended: StopReason::Exhausted,
         });
-        assert_eq!(m, "no first token within 250 ms (after 1 attempts; no other endpoint is up)");
+        assert_eq!(
+            m,
+            "no first token within 250 ms (after 1 attempts; no other endpoint is up)"
+        );
     }
 
     #[test]

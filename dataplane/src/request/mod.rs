@@ -31,8 +31,8 @@ use self::errors::RequestError;
 use self::hedge::Outcomes;
 use self::pick::{Next, Now, StopReason, Tried};
 use crate::metrics::Action;
-use crate::shed::Candidate;
 use crate::proxy::{RequestCtx, Sidecar};
+use crate::shed::Candidate;
 use crate::table::{Class, Endpoint};
 
 /// Why the request path stopped early.
@@ -285,7 +285,12 @@ async fn attempts<'a>(
                 }];
                 if let Err(why) = attempt
                     .queue
-                    .wait(class.priority, attempt.max_priority, attempt.deadline, waiting_for)
+                    .wait(
+                        class.priority,
+                        attempt.max_priority,
+                        attempt.deadline,
+                        waiting_for,
+                    )
                     .await
                 {
                     class.counters.sheds.inc();
