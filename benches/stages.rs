@@ -88,7 +88,7 @@ fn stages(c: &mut Criterion) {
         b.iter(|| {
             let now = Instant::now();
             let p = admit::preferred(black_box(route), now);
-            let room = admit::room(route);
+            let room = admit::room(route, now);
             matches!(
                 admit::admit(p, class.degrade.as_ref(), false, room),
                 admit::Admit::Go
@@ -130,7 +130,7 @@ fn stages(c: &mut Criterion) {
                 false,
                 black_box(&now),
             ) {
-                pick::Next::Fallback(e) | pick::Next::Reconnect(e) => e.id,
+                pick::Next::Fallback(e) | pick::Next::Reconnect(e) | pick::Next::Wait(e) => e.id,
                 pick::Next::Stop(_) => usize::MAX,
             }
         })
