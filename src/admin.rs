@@ -19,6 +19,8 @@ pub struct AdminConn {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: crate::link::LinkTls,
 }
 
 /// Who acts and why, for the audit log.
@@ -150,7 +152,7 @@ type AdminClient = pb::admin_client::AdminClient<
 
 async fn admin_client(conn: &AdminConn) -> anyhow::Result<AdminClient> {
     let control = &conn.control;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
+    let channel = switchyard_proto::tls::endpoint(control, &conn.tls.client())?
         .connect()
         .await
         .with_context(|| format!("connecting to the control plane at {control}"))?;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod demo;
+mod link;
 mod standalone;
 
 /// jemalloc with background purging: memory a burst took is given back
@@ -57,13 +58,25 @@ enum Command {
         /// Bearer token the admin API requires. Without one, only status is served.
         #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Serve gRPC over TLS with this certificate chain (PEM), with
+        /// --tls-key. Without it, plain text (loopback, tests).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates chaining to these CAs (PEM): mutual TLS.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
     },
     /// Run the sidecar proxy beside an app: with a control plane
     /// (`--control`), or alone, on a policy file (`--policy`).
     Sidecar {
-        /// Control plane address, host:port.
+        /// Control plane address, host:port (or https://host:port).
         #[arg(long, required_unless_present = "policy")]
         control: Option<String>,
+        #[command(flatten)]
+        control_tls: link::LinkTls,
         /// Standalone mode: no control plane; tables come from this policy
         /// file (the control plane's format), with static weights and local
         /// health. Edits are applied as they are saved.
@@ -207,6 +220,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Sidecar {
             control,
+            control_tls,
             policy,
             reload_ms,
             state_dir,
@@ -225,7 +239,10 @@ fn main() -> anyhow::Result<()> {
             let sidecar_id = id.unwrap_or_else(default_id);
             let base = Duration::from_millis(eject_ms);
             let source = match (control, policy) {
-                (Some(address), _) => TableSource::Control { address },
+                (Some(address), _) => TableSource::Control {
+                    address,
+                    tls: control_tls.client(),
+                },
                 (None, Some(policy)) => TableSource::Local(standalone::feed(
                     &policy,
                     Duration::from_millis(reload_ms.max(10)),
@@ -261,6 +278,9 @@ fn main() -> anyhow::Result<()> {
             state_dir,
             db,
             admin_token,
+            tls_cert,
+            tls_key,
+            client_ca,
         } => runtime()?.block_on(async move {
             // State is durable unless a caller names a database: the audit
             // log must survive restarts.
@@ -285,6 +305,14 @@ fn main() -> anyhow::Result<()> {
                 interval: Duration::from_millis(interval_ms),
                 db,
                 admin_token,
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some(switchyard_proto::tls::ServerTls {
+                        cert,
+                        key,
+                        client_ca,
+                    }),
+                    _ => None,
+                },
             };
             switchyard_controlplane::run(config, listener, shutdown_signal()).await?;
             Ok(())

@@ -43,6 +43,8 @@ pub struct ControlConfig {
     pub db: Option<PathBuf>,
     /// Bearer token the admin API requires; `None` serves status only.
     pub admin_token: Option<String>,
+    /// TLS for every gRPC service; `None`: plain text.
+    pub tls: Option<switchyard_proto::tls::ServerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub enum ControlError {
     Serve(#[from] tonic::transport::Error),
     #[error("TTFT histogram: {0}")]
     Histogram(#[from] hdrhistogram::CreationError),
+    #[error(transparent)]
+    Tls(#[from] switchyard_proto::tls::TlsError),
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -106,7 +110,17 @@ pub async fn run(
         shutdown.await;
         let _ = signalled_tx.send(());
     };
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    match &config.tls {
+        Some(tls) => {
+            builder = builder.tls_config(tls.config()?)?;
+            tracing::info!(mutual = tls.client_ca.is_some(), "gRPC over TLS");
+        }
+        None => tracing::warn!(
+            "gRPC in plain text (tables, telemetry and the admin token unencrypted; for loopback or a trusted network only)"
+        ),
+    }
+    let serve = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(pb::routing_discovery_server::RoutingDiscoveryServer::new(
             services::Discovery(state.clone()),

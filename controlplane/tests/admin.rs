@@ -60,6 +60,7 @@ async fn start(token: Option<&str>) -> String {
         interval: Duration::from_millis(100),
         db: Some(dir.join("state.db")),
         admin_token: token.map(str::to_string),
+        tls: None,
     };
     tokio::spawn(async move {
         run(config, listener, std::future::pending()).await.unwrap();

@@ -60,16 +60,30 @@ impl Backoff {
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("invalid control plane address: {0}")]
-    Address(String),
-    #[error("connecting: {0}")]
+    #[error(transparent)]
+    Link(#[from] switchyard_proto::tls::TlsError),
+    /// With the whole chain of causes: tonic's own message is only
+    /// "transport error", which hides a refused certificate.
+    #[error("connecting: {}", causes(.0))]
     Connect(#[from] tonic::transport::Error),
     /// Boxed: a `tonic::Status` is large, and this error travels in every
     /// `Result` of the stream loops (clippy::result_large_err).
-    #[error("stream: {0}")]
+    #[error("stream: {}", causes(.0.as_ref()))]
     Status(Box<tonic::Status>),
     #[error("the control plane closed the stream")]
     Closed,
+}
+
+/// An error and its sources, `: `-separated.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        next = c.source();
+    }
+    out
 }
 
 impl From<tonic::Status> for StreamError {
@@ -150,14 +164,19 @@ pub type Feed = Box<dyn FnOnce(Applier) -> Pin<Box<dyn Future<Output = ()>>> + S
 
 /// Where a sidecar's tables come from.
 pub enum TableSource {
-    /// A control plane at `host:port`, over the Watch stream.
-    Control { address: String },
+    /// A control plane at `address` (`host:port`, or an `https://` URL),
+    /// over the Watch stream, secured as `tls` says.
+    Control {
+        address: String,
+        tls: switchyard_proto::tls::ClientTls,
+    },
     /// The caller's feed (standalone mode: a local policy file).
     Local(Feed),
 }
 
 pub struct ControlClient {
     pub address: String,
+    pub tls: switchyard_proto::tls::ClientTls,
     pub sidecar_id: String,
     pub applier: Applier,
     pub rtt: Arc<RttView>,
@@ -193,10 +212,11 @@ pub fn spawn(
                 let sweep = tokio::spawn(sweep_idle(applier.live.clone()));
                 match source {
                     TableSource::Local(feed) => feed(applier).await,
-                    TableSource::Control { address } => {
+                    TableSource::Control { address, tls } => {
                         let confirmed = applier.apply_saved().await;
                         let this = Arc::new(ControlClient {
                             address,
+                            tls,
                             sidecar_id,
                             applier,
                             rtt,
@@ -259,13 +279,7 @@ impl ControlClient {
     }
 
     fn endpoint(&self) -> Result<Endpoint, StreamError> {
-        Endpoint::from_shared(format!("http://{}", self.address))
-            .map(|e| {
-                e.connect_timeout(Duration::from_secs(2))
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5))
-            })
-            .map_err(|e| StreamError::Address(e.to_string()))
+        Ok(switchyard_proto::tls::endpoint(&self.address, &self.tls)?)
     }
 
     async fn watch_loop(&self) {

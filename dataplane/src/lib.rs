@@ -106,7 +106,15 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
         rtt.clone(),
     ));
     let from = match &source {
-        control::TableSource::Control { address } => address.clone(),
+        control::TableSource::Control { address, tls } => {
+            if switchyard_proto::tls::encrypted(address, tls) {
+                tracing::info!(control = %address, ca = ?tls.ca, client_certificate = tls.cert.is_some(),
+                    "control plane link: TLS");
+            } else {
+                tracing::warn!(control = %address, "control plane link: plain text (tables and telemetry unencrypted; for loopback or a trusted network only)");
+            }
+            address.clone()
+        }
         control::TableSource::Local(_) => "a local policy file".to_string(),
     };
     let save_to = match &source {

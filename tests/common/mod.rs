@@ -10,6 +10,8 @@ use switchyard::cluster::{self, PolicyEndpoint, Proc};
 use switchyard_proto::v1 as pb;
 use tokio::time::Instant;
 
+pub mod pki;
+
 pub const MODEL: &str = "llama-3-70b";
 
 pub fn bin() -> &'static Path {
