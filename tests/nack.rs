@@ -63,6 +63,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 price_cached_input_per_mtok: None,
                 credential: String::new(),
                 over_budget: false,
+                model_ids: Default::default(),
             }],
             classes: vec![pb::RequestClass {
                 name: "standard".into(),

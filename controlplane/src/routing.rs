@@ -29,7 +29,12 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             url: e.url.clone(),
             api: pb::ApiKind::Openai as i32,
             tier: tier_pb(e.tier) as i32,
-            models: e.models.clone(),
+            models: e.models.iter().cloned().collect(),
+            model_ids: e
+                .models
+                .mapped()
+                .map(|(l, id)| (l.clone(), id.clone()))
+                .collect(),
             price_input_per_mtok: e.price.input_per_mtok,
             price_output_per_mtok: e.price.output_per_mtok,
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,

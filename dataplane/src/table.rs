@@ -84,6 +84,8 @@ pub struct Endpoint {
     pub authorization: Option<HeaderValue>,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
+    /// Its own id for a logical model, where the two differ.
+    pub model_ids: Vec<(String, String)>,
     /// The fleet's spend on it over the last hour reached its spend budget
     /// (the control plane judges; `request::admit` says what follows).
     pub over_spend_budget: bool,
@@ -105,6 +107,14 @@ impl Endpoint {
 
     pub fn at_capacity(&self) -> bool {
         self.capacity > 0 && self.state.in_flight() >= self.capacity
+    }
+
+    /// Its own id for the logical `model`, when it has one.
+    pub fn model_id(&self, model: &str) -> Option<&str> {
+        self.model_ids
+            .iter()
+            .find(|(logical, _)| logical == model)
+            .map(|(_, id)| id.as_str())
     }
 }
 
@@ -327,6 +337,26 @@ impl Table {
                     format!("unsupported API kind {}", e.api),
                 ));
             }
+            let mut model_ids: Vec<(String, String)> = e
+                .model_ids
+                .iter()
+                .map(|(l, id)| (l.clone(), id.clone()))
+                .collect();
+            model_ids.sort();
+            for (logical, id) in &model_ids {
+                if !e.models.contains(logical) {
+                    return Err(endpoint_err(
+                        &e.name,
+                        format!("maps model {logical:?}, which it does not serve"),
+                    ));
+                }
+                if id.trim().is_empty() {
+                    return Err(endpoint_err(
+                        &e.name,
+                        format!("maps model {logical:?} to an empty id"),
+                    ));
+                }
+            }
             models.extend(e.models.iter().cloned());
             let mut peer = HttpPeer::new(addr, false, String::new());
             peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
@@ -347,6 +377,7 @@ impl Table {
                 prices,
                 authorization,
                 capacity: e.capacity,
+                model_ids,
                 over_spend_budget: e.over_budget,
                 state: live.endpoints.get(&e.name),
             }));

@@ -17,6 +17,73 @@ use serde::Deserialize;
 
 pub use credential::CredentialRef;
 
+/// An endpoint's models: logical names, as apps ask for them, each with
+/// the endpoint's own id for it (the same name when the policy lists them
+/// plainly). In the policy's order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Models(Vec<(String, String)>);
+
+impl Models {
+    /// The logical names.
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(logical, _)| logical)
+    }
+
+    pub fn contains(&self, logical: &str) -> bool {
+        self.iter().any(|m| m == logical)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The endpoint's own id for `logical`, when it differs from it.
+    pub fn mapped(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0
+            .iter()
+            .filter(|(l, id)| l != id)
+            .map(|(l, id)| (l, id))
+    }
+
+    /// Every (logical, id) pair.
+    pub fn pairs(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(l, id)| (l, id))
+    }
+}
+
+impl<'de> Deserialize<'de> for Models {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(
+            untagged,
+            expecting = "a list of model names, or a map from the name apps use to the endpoint's own id"
+        )]
+        enum Form {
+            List(Vec<String>),
+            Map(serde_yaml::Mapping),
+        }
+        Ok(Models(match Form::deserialize(d)? {
+            Form::List(names) => names.into_iter().map(|n| (n.clone(), n)).collect(),
+            Form::Map(map) => {
+                let mut pairs = Vec::with_capacity(map.len());
+                for (k, v) in map {
+                    match (k, v) {
+                        (serde_yaml::Value::String(k), serde_yaml::Value::String(v)) => {
+                            pairs.push((k, v))
+                        }
+                        _ => {
+                            return Err(serde::de::Error::custom(
+                                "each model maps a name to an id, both strings",
+                            ))
+                        }
+                    }
+                }
+                pairs
+            }
+        }))
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
@@ -60,7 +127,10 @@ pub struct Endpoint {
     #[serde(default = "default_api")]
     pub api: ApiKind,
     pub tier: Tier,
-    pub models: Vec<String>,
+    /// The models it serves: a list of names (the endpoint knows them by
+    /// the names apps use), or a map from the logical name apps use to the
+    /// endpoint's own id for it (`chat-large: meta-llama/Llama-3.1-70B-Instruct`).
+    pub models: Models,
     pub price: Price,
     /// Concurrent requests; 0 when unknown.
     #[serde(default)]
@@ -328,7 +398,11 @@ impl Policy {
                     format!("{} is not in the policy's tiers", e.tier.as_str()),
                 );
             }
-            if e.models.is_empty() || e.models.iter().any(|m| m.trim().is_empty()) {
+            if e.models.is_empty()
+                || e.models
+                    .pairs()
+                    .any(|(m, id)| m.trim().is_empty() || id.trim().is_empty())
+            {
                 return err(
                     at("models"),
                     "must list at least one non-empty model".into(),

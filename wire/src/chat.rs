@@ -622,5 +622,34 @@ pub fn rewrite(
         .map_err(Invalid::malformed)
 }
 
+/// The body with its `model` replaced by the endpoint's own id for it,
+/// when `id_for` has one: the value is spliced in place when the body
+/// spells the model without escapes (the usual case: one copy of the body,
+/// no re-serialisation), else the body is rewritten whole. `None`: the
+/// endpoint has no id of its own for this model (or the body has no
+/// readable model; intake refused those already).
+pub fn map_model<'i>(
+    body: &[u8],
+    id_for: impl FnOnce(&str) -> Option<&'i str>,
+) -> Option<bytes::Bytes> {
+    let request = parse(body).ok()?;
+    let id = id_for(&request.model)?;
+    if let Cow::Borrowed(m) = request.model {
+        // A borrowed model is a slice of `body`: its offset is where the
+        // value's text starts, between its quotes.
+        let start = (m.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        let end = start.checked_add(m.len())?;
+        let (head, rest) = (body.get(..start)?, body.get(end..)?);
+        let quoted = serde_json::to_string(id).ok()?;
+        let inner = quoted.get(1..quoted.len().saturating_sub(1))?;
+        let mut out = Vec::with_capacity(body.len() + inner.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(inner.as_bytes());
+        out.extend_from_slice(rest);
+        return Some(bytes::Bytes::from(out));
+    }
+    rewrite(body, Some(id), None).ok()
+}
+
 #[cfg(test)]
 mod tests;

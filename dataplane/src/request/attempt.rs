@@ -125,7 +125,14 @@ impl<'a> Attempt<'a, '_> {
         let slot = Slot::take(&ep.state, self.queue);
         let start = Instant::now();
         let ttft_deadline = (start + self.ttft).min(self.deadline);
-        let request = upstream_request(self.app, ep, self.body);
+        // The endpoint's own name for the model, if it has one: a copy of
+        // the body for the endpoints that need it, none for the others.
+        let mapped = if ep.model_ids.is_empty() {
+            None
+        } else {
+            switchyard_wire::chat::map_model(self.body, |m| ep.model_id(m))
+        };
+        let request = upstream_request(self.app, ep, mapped.as_deref().unwrap_or(self.body));
         match open(self.connections, ep, request, start, ttft_deadline).await {
             Ok(o) => Ok((o, slot)),
             Err(e) => Err((e, start.elapsed())),

@@ -1,4 +1,5 @@
 use super::*;
+use proptest::prelude::*;
 
 const MSG: &str = r#"[{"role":"user","content":"hi"}]"#;
 
@@ -243,4 +244,41 @@ fn degradation_rewrites_model_and_caps_tokens() {
         ),
         (Some(100), Some(100))
     );
+}
+
+#[test]
+fn a_mapped_model_is_spliced_in_and_everything_else_kept_byte_for_byte() {
+    let ids = |m: &str| (m == "chat-large").then_some("meta-llama/Llama-3.1-70B \"x\"");
+    let body = br#"{ "messages":[{"role":"user","content":"model"}], "model" : "chat-large", "stream":true}"#;
+    let out = map_model(body, ids).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&out).unwrap(),
+        r#"{ "messages":[{"role":"user","content":"model"}], "model" : "meta-llama/Llama-3.1-70B \"x\"", "stream":true}"#
+    );
+    // Not mapped: nothing to do.
+    assert!(map_model(br#"{"model":"other","messages":[{"role":"user"}]}"#, ids).is_none());
+    // A model spelled with an escape is rewritten whole.
+    let out = map_model(
+        br#"{"model":"chat\u002dlarge","messages":[{"role":"user"}]}"#,
+        ids,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["model"], "meta-llama/Llama-3.1-70B \"x\"");
+    assert_eq!(v["messages"][0]["role"], "user");
+}
+
+proptest! {
+    /// Whatever the id, the mapped body is the same request with only its
+    /// model changed.
+    #[test]
+    fn mapping_changes_the_model_and_nothing_else(id in "\\PC{0,40}", content in "\\PC{0,40}") {
+        let req = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0.5});
+        let body = serde_json::to_vec(&req).unwrap();
+        let out = map_model(&body, |_| Some(id.as_str())).unwrap();
+        let mut got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        prop_assert_eq!(got["model"].as_str(), Some(id.as_str()));
+        got["model"] = "m".into();
+        prop_assert_eq!(got, req);
+    }
 }
