@@ -95,6 +95,10 @@ enum Command {
         /// Where endpoint RTT comes from: `ebpf` (a sock_ops program; fail
         /// if it cannot load), `tcp-info` (read the sidecar's own upstream
         /// sockets; loads nothing), or `auto` (eBPF, else tcp-info).
+        ///
+        /// For tests and simulations only, `file:PATH` measures nothing and
+        /// reports the figures in PATH instead, one `ADDRESS:PORT
+        /// RTT_MICROSECONDS` line per endpoint, re-read as it changes.
         #[arg(long, default_value_t = switchyard_rtt::RttMode::Auto)]
         rtt_source: switchyard_rtt::RttMode,
         /// cgroup v2 directory to attach the eBPF program to; default: the
