@@ -124,6 +124,10 @@ enum Command {
         /// Where endpoint RTT comes from: `ebpf` (a sock_ops program; fail
         /// if it cannot load), `tcp-info` (read the sidecar's own upstream
         /// sockets; loads nothing), or `auto` (eBPF, else tcp-info).
+        ///
+        /// For tests and simulations only, `file:PATH` measures nothing and
+        /// reports the figures in PATH instead, one `ADDRESS:PORT
+        /// RTT_MICROSECONDS` line per endpoint, re-read as it changes.
         #[arg(long, default_value_t = switchyard_rtt::RttMode::Auto)]
         rtt_source: switchyard_rtt::RttMode,
         /// cgroup v2 directory to attach the eBPF program to; default: the
@@ -184,6 +188,10 @@ struct MockArgs {
     hang_ratio: f64,
     #[arg(long, default_value_t = 0.0)]
     drop_mid_stream_ratio: f64,
+    /// Streamed answers stop after this many tokens and keep the connection
+    /// open, silent: a provider stalled mid-stream.
+    #[arg(long)]
+    stall_after_tokens: Option<u32>,
     /// Prompt tokens reported as read from the prompt cache.
     #[arg(long, default_value_t = 0)]
     cached_tokens: u32,
@@ -367,6 +375,7 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         retry_after_s: a.retry_after_s,
         hang_ratio: a.hang_ratio,
         drop_mid_stream_ratio: a.drop_mid_stream_ratio,
+        stall_after_tokens: a.stall_after_tokens,
         cached_tokens: a.cached_tokens,
         reasoning_tokens: a.reasoning_tokens,
         sse_line_ending: a.sse_line_ending,

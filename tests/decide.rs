@@ -1,7 +1,8 @@
 //! End to end, with real processes on loopback: the control plane moving
-//! traffic on telemetry (latency past the SLA, on-prem saturation), the kill
-//! switch with its audit entry, and a control plane restart that keeps its
-//! switches, its audit log and its decision.
+//! traffic on telemetry (latency past the SLA, on-prem saturation, the RTT
+//! the sidecar reports), the kill switch with its audit entry, and a
+//! control plane restart that keeps its switches, its audit log and its
+//! decision.
 //!
 //! Every wait polls a real signal (status over gRPC, the mocks' counters)
 //! with a bounded timeout. The tests share the machine's two cores, so they
@@ -64,10 +65,15 @@ async fn start_stack(
 
 /// `endpoint`'s weight in the class `standard`; 0 when it has none.
 fn weight(s: &pb::StatusResponse, endpoint: &str) -> f64 {
+    weight_in(s, "standard", endpoint)
+}
+
+/// `endpoint`'s weight in `class`; 0 when it has none.
+fn weight_in(s: &pb::StatusResponse, class: &str, endpoint: &str) -> f64 {
     s.endpoints
         .iter()
         .find(|e| e.name == endpoint)
-        .and_then(|e| e.weights.iter().find(|w| w.class == "standard"))
+        .and_then(|e| e.weights.iter().find(|w| w.class == class))
         .map_or(0.0, |w| w.weight)
 }
 
@@ -709,4 +715,109 @@ routing:
     assert!(!cloud.over_budget.is_empty(), "{cloud:?}");
     assert!(cloud.spend_last_hour_usd > 0.00001, "{cloud:?}");
     assert_eq!(weight(&after, "cloud"), 0.0);
+}
+
+/// The RTT loop, end to end: two endpoints of one tier and one price serve
+/// the interactive class `chat` and the plain class `batch`. The sidecar
+/// reports each endpoint's RTT in its telemetry; the control plane fills
+/// `chat` nearest first (the farther endpoint keeps only its exploration
+/// share) and splits `batch` evenly whatever the RTT. When the RTTs swap,
+/// `chat`'s weight moves back to the endpoint that lost it.
+///
+/// The RTTs are simulated, not real: this machine's kernel has no `netem`
+/// qdisc to delay loopback traffic, so the sidecar runs with the test-only
+/// RTT source `--rtt-source file:PATH`, which reports the figures this test
+/// writes into PATH in place of the kernel's. Everything after that source
+/// (telemetry, the control plane's signals and decision, the table the
+/// sidecar ACKs) is the real path. `gpu-a` is far first: the order by RTT
+/// is then the opposite of the order by name, which breaks ties when no
+/// RTT is known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nearer_of_two_equal_endpoints_takes_the_interactive_class_and_gives_it_back_when_rtts_swap(
+) {
+    let _serial = SERIAL.lock().await;
+    let figures = switchyard::cluster::run_dir("rtt-figures")
+        .expect("run dir")
+        .join("rtt.txt");
+    switchyard::cluster::write_atomic(&figures, "# written once the mocks listen\n")
+        .expect("RTT file");
+    let source = format!("file:{}", figures.display());
+    let control = ControlConfig {
+        extra: args(&["--interval-ms", "200"]),
+        admin_token: Some(TOKEN.into()),
+    };
+    // RTTs far under the SLA, so RTT orders the endpoints and never
+    // ejects one; a large max_step so the swap takes few computations.
+    let classes = "  - name: chat
+    interactive: true
+    ttft_timeout_ms: 5000
+    deadline_ms: 30000
+    ttft_p95_ms: 1000
+  - name: batch
+    ttft_timeout_ms: 5000
+    deadline_ms: 30000
+routing:
+  exploration: 0.05
+  max_step: 0.5
+  hysteresis: 0.01
+";
+    let stack = Stack::start_with_control(
+        "rttloop",
+        &[("gpu-a", "onprem", &[]), ("gpu-b", "onprem", &[])],
+        |m| {
+            let eps: Vec<switchyard::cluster::PolicyEndpoint<'_>> = m
+                .iter()
+                .map(|m| switchyard::cluster::PolicyEndpoint {
+                    name: &m.name,
+                    addr: m.addr,
+                    tier: &m.tier,
+                    model: MODEL,
+                    price_in: 1.0,
+                    price_out: 2.0,
+                })
+                .collect();
+            switchyard::cluster::policy_with_classes(&eps, "chat", classes)
+        },
+        &control,
+        &["--rtt-source", &source],
+    )
+    .await;
+
+    let (a, b) = (stack.mock("gpu-a").addr, stack.mock("gpu-b").addr);
+    for (far, near) in [("gpu-a", "gpu-b"), ("gpu-b", "gpu-a")] {
+        let rtt_us = |name: &str| if name == far { 40_000 } else { 2_000 };
+        switchyard::cluster::write_atomic(
+            &figures,
+            &format!("{a} {}\n{b} {}\n", rtt_us("gpu-a"), rtt_us("gpu-b")),
+        )
+        .expect("RTT file");
+        let what = format!("{far} at 40 ms, {near} at 2 ms");
+        let version = stack
+            .eventually(&what, Duration::from_secs(20), |s| {
+                let seen = endpoint(s, far).rtt_ms == 40.0 && endpoint(s, near).rtt_ms == 2.0;
+                let (w_near, w_far) = (weight_in(s, "chat", near), weight_in(s, "chat", far));
+                (seen && w_near >= 0.9 && w_far <= 0.1).then_some(s.table_version)
+            })
+            .await;
+        let s = stack.expect_status().await;
+        assert!(
+            weight_in(&s, "chat", far) > 0.0,
+            "{what}: {far} keeps its exploration share: {s:#?}"
+        );
+        for ep in [far, near] {
+            assert!(
+                (weight_in(&s, "batch", ep) - 0.5).abs() < 1e-6,
+                "{what}: batch is not interactive and ignores RTT: {s:#?}"
+            );
+        }
+        stack.acked(version).await;
+        // What the sidecar reported is what it measures on /metrics.
+        let far_s = stack
+            .metric(
+                "switchyard_endpoint_rtt_seconds",
+                &[("endpoint", far), ("source", "file")],
+            )
+            .await;
+        assert!((far_s - 0.04).abs() < 1e-9, "{what}: {far_s}");
+    }
 }

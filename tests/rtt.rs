@@ -1,7 +1,8 @@
 //! End to end with real processes: a sidecar routing to a loopback mock
 //! reports the kernel RTT to that endpoint on `/metrics`, labelled with the
 //! source it uses, and leaves no sock_ops program attached once it is gone,
-//! whether it ended on SIGTERM or SIGKILL.
+//! whether it ended on SIGTERM or SIGKILL. The test-only simulated source
+//! (`file:PATH`) refuses to start without its file.
 //!
 //! The eBPF tests put the sidecar in a cgroup v2 of their own (created under
 //! the cgroup2 mount), so they can tell its program from any other. Where
@@ -290,6 +291,36 @@ async fn auto_falls_back_to_tcp_info_and_says_so_once() -> anyhow::Result<()> {
         refused.log_text().contains("RTT source"),
         "{}",
         refused.log_text()
+    );
+    Ok(())
+}
+
+/// The test-only `file:PATH` source refuses to start on a file it cannot
+/// read, rather than run a simulation on no figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_rtt_source_without_its_file_refuses_to_start() -> anyhow::Result<()> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_switchyard"));
+    let dir = cluster::run_dir("rtt-file-refuse")?;
+    let missing = dir.join("no-such-rtt.txt");
+    let source = format!("file:{}", missing.display());
+    let args = strings(&[
+        "sidecar",
+        "--control",
+        "127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+        "--rtt-source",
+        &source,
+    ]);
+    let mut refused = Proc::spawn(bin, &args, &dir, "sidecar")?;
+    let status = tokio::time::timeout(Duration::from_secs(15), refused.wait())
+        .await
+        .context("--rtt-source file: without its file kept running")??;
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("reading RTT file") && log.contains("no-such-rtt.txt"),
+        "{log}"
     );
     Ok(())
 }

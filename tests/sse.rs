@@ -2,12 +2,17 @@
 //! CR or LF, with or without comment keep-alives, reaches the app event by
 //! event, byte for byte, as the provider sends it, whether or not the
 //! sidecar takes out the usage chunk it asked for, and however the
-//! provider cuts its events into writes.
+//! provider cuts its events into writes. A provider that stalls mid-stream
+//! past the class's inter-token timeout gets the stream ended with the
+//! sidecar's error event, and counted as a failure.
 
 mod common;
 
-use common::{Stack, MODEL};
+use std::time::Duration;
+
+use common::{endpoint, Stack, MODEL};
 use futures::StreamExt;
+use switchyard::cluster::{self, PolicyEndpoint};
 
 const TOKENS: usize = 8;
 
@@ -156,5 +161,168 @@ async fn every_framing_reaches_the_app_event_by_event_in_every_mode() {
                 assert_eq!(usage, usize::from(include_usage), "{what}");
             }
         }
+    }
+}
+
+/// Tokens the stalling mock sends before it goes silent, 150 ms apart:
+/// 600 ms in all, longer than the inter-token timeout, so they all arriving
+/// shows the timeout is per gap, not per stream.
+const BEFORE_STALL: u32 = 5;
+const INTER_TOKEN_TIMEOUT_MS: u32 = 400;
+
+/// A provider that goes silent mid-stream (connection open) for longer
+/// than the class's `inter_token_timeout_ms`: the app gets every token sent
+/// before the stall, then the sidecar's error event (`stream_interrupted`,
+/// naming the gap), and its stream ends, with no `[DONE]`; the sidecar
+/// lets go of the upstream connection. The stall counts as a failure: in
+/// the telemetry the control plane totals (an error per stalled stream)
+/// and in the sidecar's own outlier detection (with `--eject-after 2`, the
+/// second stall ejects the endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_stalled_past_the_inter_token_timeout_ends_with_an_error_event_and_counts_as_a_failure(
+) {
+    let class = format!(
+        "  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 30000\n    inter_token_timeout_ms: {INTER_TOKEN_TIMEOUT_MS}\n"
+    );
+    let stall_after = BEFORE_STALL.to_string();
+    let stack = Stack::start_with(
+        "stall",
+        &[(
+            "stall",
+            "onprem",
+            &[
+                "--output-tokens",
+                "8",
+                "--inter-token-ms",
+                "150",
+                "--stall-after-tokens",
+                &stall_after,
+            ],
+        )],
+        |m| {
+            let eps: Vec<PolicyEndpoint<'_>> = m
+                .iter()
+                .map(|m| PolicyEndpoint {
+                    name: &m.name,
+                    addr: m.addr,
+                    tier: &m.tier,
+                    model: MODEL,
+                    price_in: 1.0,
+                    price_out: 2.0,
+                })
+                .collect();
+            cluster::policy_with_classes(&eps, "standard", &class)
+        },
+        &["--eject-after", "2"],
+    )
+    .await;
+
+    for n in 1..=2u64 {
+        let r = stack
+            .http
+            .post(stack.url("/v1/chat/completions"))
+            .json(&stack.chat_body(true))
+            .send()
+            .await
+            .expect("the sidecar answers");
+        assert_eq!(r.status(), 200, "stall {n}: the first byte went out");
+        assert_eq!(common::header(&r, "x-switchyard-endpoint"), "stall");
+        // Bounded only so a stream the sidecar never ends fails the test
+        // instead of hanging it.
+        let body = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut body = Vec::new();
+            let mut s = r.bytes_stream();
+            while let Some(c) = s.next().await {
+                body.extend_from_slice(&c.expect("the stream ends cleanly"));
+            }
+            body
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stall {n}: the sidecar did not end the stalled stream"));
+
+        let text = String::from_utf8_lossy(&body).to_string();
+        let events: Vec<serde_json::Value> = decode(&body)
+            .into_iter()
+            .map(|(_, d)| {
+                assert_ne!(
+                    d, "[DONE]",
+                    "stall {n}: a stalled stream is not done: {text}"
+                );
+                serde_json::from_str(&d).unwrap_or_else(|e| panic!("{e}: {d}"))
+            })
+            .collect();
+        let (last, tokens) = events.split_last().expect("events");
+        let content: String = tokens
+            .iter()
+            .map(|v| {
+                assert!(
+                    v["choices"][0]["finish_reason"].is_null(),
+                    "stall {n}: no finish before the stall: {text}"
+                );
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let sent: String = switchyard_mock::answer_tokens("stall", BEFORE_STALL).concat();
+        assert_eq!(
+            content, sent,
+            "stall {n}: every token before the stall: {text}"
+        );
+        assert_eq!(
+            last["error"],
+            serde_json::json!({
+                "message": format!("no data for {INTER_TOKEN_TIMEOUT_MS} ms mid-stream"),
+                "type": "server_error",
+                "param": null,
+                "code": "stream_interrupted",
+            }),
+            "stall {n}: the stream ends with the sidecar's error event: {text}"
+        );
+
+        // The mock's stalled answer ends when the sidecar drops its
+        // connection.
+        let mock = &stack.mocks[0];
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = mock.stats(&stack.http).await;
+            assert_eq!(st["faults"]["stall"], n, "{st}");
+            if st["in_flight"] == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "stall {n}: the sidecar still holds the stalled upstream: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // A failure in the telemetry: the control plane totals an error
+        // for each stalled stream.
+        stack
+            .eventually(
+                &format!("stall {n} reported as an error"),
+                Duration::from_secs(10),
+                |s| {
+                    let e = endpoint(s, "stall");
+                    (e.requests == n && e.errors == n).then_some(())
+                },
+            )
+            .await;
+
+        // And a failure to the sidecar's outlier detection: the second in
+        // a row ejects.
+        let ejections = stack
+            .metric("switchyard_ejections_total", &[("endpoint", "stall")])
+            .await;
+        let ejected = stack
+            .metric("switchyard_endpoint_ejected", &[("endpoint", "stall")])
+            .await;
+        let expected = if n == 1 { 0.0 } else { 1.0 };
+        assert_eq!(
+            (ejections, ejected),
+            (expected, expected),
+            "after stall {n}"
+        );
     }
 }

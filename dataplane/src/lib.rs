@@ -56,7 +56,8 @@ pub struct SidecarConfig {
     /// Requests that may wait for capacity before lower classes are shed.
     pub queue_limit: usize,
     pub outlier: health::OutlierPolicy,
-    /// Where endpoint RTT comes from: eBPF, TCP_INFO, or eBPF when it loads.
+    /// Where endpoint RTT comes from: eBPF, TCP_INFO, eBPF when it loads,
+    /// or (tests and simulations) a file of figures.
     pub rtt_mode: switchyard_rtt::RttMode,
     /// cgroup v2 directory the eBPF program attaches to; `None`: the
     /// sidecar's own.
@@ -96,7 +97,7 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
     // Before anything listens, so `--rtt-source ebpf` that cannot load
     // fails the start instead of running without what was asked for.
     let rtt = Arc::new(rtt::RttView::new(switchyard_rtt::open(
-        config.rtt_mode,
+        config.rtt_mode.clone(),
         config.rtt_cgroup.as_deref(),
     )?));
     rtt::install(rtt.clone());

@@ -43,7 +43,7 @@ impl RttView {
         Self { source }
     }
 
-    /// `"ebpf"` or `"tcp-info"`.
+    /// `"ebpf"`, `"tcp-info"` or (simulated) `"file"`.
     pub fn source(&self) -> &'static str {
         self.source.source()
     }

@@ -23,6 +23,10 @@ pub struct Behaviour {
     pub hang_ratio: f64,
     /// Share of streamed requests whose connection is dropped half way.
     pub drop_mid_stream_ratio: f64,
+    /// Streamed answers send this many tokens, then nothing more while the
+    /// connection stays open: a provider stalled mid-stream, for the
+    /// proxy's inter-token timeout. `None`: never.
+    pub stall_after_tokens: Option<u32>,
     /// Prompt tokens reported as served from the provider's prompt cache
     /// (`prompt_tokens_details.cached_tokens`, at most the prompt).
     pub cached_tokens: u32,
@@ -96,6 +100,7 @@ impl Default for Behaviour {
             retry_after_s: 1,
             hang_ratio: 0.0,
             drop_mid_stream_ratio: 0.0,
+            stall_after_tokens: None,
             cached_tokens: 0,
             reasoning_tokens: 0,
             sse_line_ending: LineEnding::Lf,

@@ -11,5 +11,5 @@
 mod behaviour;
 mod server;
 
-pub use behaviour::{Behaviour, Fault, LineEnding};
+pub use behaviour::{answer_tokens, Behaviour, Fault, LineEnding};
 pub use server::{serve, MockConfig, MockError};

@@ -285,6 +285,7 @@ async fn chat(
 
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let drop_at = (fault == Fault::DropMidStream).then_some(tokens.len() / 2);
+    let stall_at = b.stall_after_tokens.map(|n| n as usize);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let model = req.model;
     tokio::spawn(async move {
@@ -312,6 +313,13 @@ async fn chat(
                 let _ = tx
                     .send(Err(std::io::Error::other("injected mid-stream drop")))
                     .await;
+                return;
+            }
+            if stall_at == Some(i) {
+                // Silent with the connection open, until the client
+                // gives up on it (its body stream is dropped).
+                *s.faults.lock().entry("stall").or_default() += 1;
+                tx.closed().await;
                 return;
             }
             if i > 0 && b.inter_token_ms > 0 {

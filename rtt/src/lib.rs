@@ -9,12 +9,17 @@
 //! - [`TcpInfoRtt`]: `TCP_INFO` read from the sockets the sidecar hands
 //!   over. Works anywhere, sees only those sockets.
 //!
+//! For tests and simulations only, [`FileRtt`] takes the figures from a
+//! file instead of the kernel, so RTT differences that loopback cannot
+//! produce can still drive the whole loop.
+//!
 //! [`open`] picks one by [`RttMode`]; `auto` tries eBPF and falls back to
 //! TCP_INFO with one log line saying why.
 #![deny(unsafe_code)]
 
 pub mod cgroup;
 mod ebpf;
+mod file;
 mod sys;
 mod tcpinfo;
 
@@ -25,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use ebpf::{built as ebpf_built, EbpfRtt};
+pub use file::{FileError, FileRtt, REREAD as FILE_REREAD};
 pub use switchyard_ebpf_common::{RttKey, RttValue};
 pub use sys::{tcp_info, TcpRtt};
 pub use tcpinfo::{TcpInfoRtt, DEFAULT_INTERVAL};
@@ -33,6 +39,8 @@ pub use tcpinfo::{TcpInfoRtt, DEFAULT_INTERVAL};
 pub const SOURCE_EBPF: &str = "ebpf";
 /// [`RttSource::source`] of [`TcpInfoRtt`].
 pub const SOURCE_TCP_INFO: &str = "tcp-info";
+/// [`RttSource::source`] of [`FileRtt`]: simulated figures.
+pub const SOURCE_FILE: &str = "file";
 
 /// What is known of the RTT to one endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +60,8 @@ pub trait RttSource: Send + Sync {
     /// The latest RTT to `peer`, if any connection to it was measured.
     fn rtt(&self, peer: SocketAddr) -> Option<RttSample>;
 
-    /// `"ebpf"` or `"tcp-info"`, for metrics labels and telemetry.
+    /// `"ebpf"`, `"tcp-info"` or (simulated) `"file"`, for metrics labels
+    /// and telemetry.
     fn source(&self) -> &'static str;
 
     /// Shows the source a connected TCP socket to `peer`; `fresh` when the
@@ -66,7 +75,7 @@ pub trait RttSource: Send + Sync {
 }
 
 /// Which source [`open`] builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum RttMode {
     /// eBPF, or an error.
     Ebpf,
@@ -75,6 +84,9 @@ pub enum RttMode {
     /// eBPF when it loads, else TCP_INFO.
     #[default]
     Auto,
+    /// Simulated figures read from this file (`file:PATH`), for tests and
+    /// simulations: nothing is measured.
+    File(PathBuf),
 }
 
 impl std::str::FromStr for RttMode {
@@ -85,20 +97,25 @@ impl std::str::FromStr for RttMode {
             "ebpf" => Ok(Self::Ebpf),
             "tcp-info" => Ok(Self::TcpInfo),
             "auto" => Ok(Self::Auto),
-            _ => Err(format!(
-                "unknown RTT source {s:?}: expected ebpf, tcp-info or auto"
-            )),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
+                Some(_) => Err("file: needs a path, as in file:/run/rtt.txt".to_string()),
+                None => Err(format!(
+                    "unknown RTT source {s:?}: expected ebpf, tcp-info or auto"
+                )),
+            },
         }
     }
 }
 
 impl std::fmt::Display for RttMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Ebpf => "ebpf",
-            Self::TcpInfo => "tcp-info",
-            Self::Auto => "auto",
-        })
+        match self {
+            Self::Ebpf => f.write_str("ebpf"),
+            Self::TcpInfo => f.write_str("tcp-info"),
+            Self::Auto => f.write_str("auto"),
+            Self::File(path) => write!(f, "file:{}", path.display()),
+        }
     }
 }
 
@@ -128,6 +145,8 @@ pub enum RttError {
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map: {0}")]
     Map(#[from] aya::maps::MapError),
+    #[error("{0}")]
+    File(#[from] FileError),
 }
 
 /// Builds the RTT source `mode` asks for. `cgroup` is where the eBPF
@@ -143,6 +162,12 @@ pub fn open(mode: RttMode, cgroup: Option<&Path>) -> Result<Arc<dyn RttSource>, 
                 Ok(Arc::new(TcpInfoRtt::default()))
             }
         },
+        RttMode::File(path) => {
+            let f = FileRtt::open(&path)?;
+            tracing::warn!(path = %f.path().display(),
+                "RTT figures are simulated, read from a file: for tests and simulations only");
+            Ok(Arc::new(f))
+        }
     }
 }
 
@@ -237,10 +262,16 @@ mod tests {
 
     #[test]
     fn modes_parse_from_their_flag_spelling() {
-        for m in [RttMode::Ebpf, RttMode::TcpInfo, RttMode::Auto] {
+        for m in [
+            RttMode::Ebpf,
+            RttMode::TcpInfo,
+            RttMode::Auto,
+            RttMode::File("/run/rtt.txt".into()),
+        ] {
             assert_eq!(m.to_string().parse::<RttMode>(), Ok(m));
         }
         assert!("bpf".parse::<RttMode>().is_err());
+        assert!("file:".parse::<RttMode>().is_err());
     }
 
     #[test]
