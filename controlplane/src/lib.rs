@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod engine;
+pub mod health;
 pub mod publish;
 pub mod registry;
 pub mod routing;

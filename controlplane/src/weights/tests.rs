@@ -556,6 +556,7 @@ fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
                     in_flight: f64::from(s.in_flight),
                     rtt_ms: s.rtt_ms.map(f64::from),
                     queue: None,
+                    ..Default::default()
                 },
             )
         })
