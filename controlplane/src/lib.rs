@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod engine;
 pub mod health;
+pub mod probe;
 pub mod publish;
 pub mod registry;
 pub mod routing;
@@ -44,6 +45,9 @@ pub struct ControlConfig {
     pub db: Option<PathBuf>,
     /// Bearer token the admin API requires; `None` serves status only.
     pub admin_token: Option<String>,
+    /// How endpoints are probed; `None`: they are not, and only the
+    /// sidecars' reports say whether one is down.
+    pub probe: Option<probe::ProbeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,14 @@ pub async fn run(
         aggregator.clone(),
         interval.max(Duration::from_millis(250)),
     ));
+    match config.probe {
+        Some(p) => {
+            tokio::spawn(probe::run(tables.clone(), aggregator.clone(), p));
+        }
+        None => tracing::warn!(
+            "endpoint probes are off: only the sidecars' reports say whether an endpoint is down"
+        ),
+    }
     let state = services::State {
         tables,
         registry: Arc::new(registry::Registry::default()),
