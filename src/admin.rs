@@ -266,6 +266,11 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "queue_waiting": e.queue_waiting, "kv_cache": e.kv_cache,
             "spend_last_hour_usd": e.spend_last_hour_usd,
             "budget_usd_per_hour": e.budget_usd_per_hour, "over_budget": e.over_budget,
+            "down": e.down, "probation": e.probation, "probe": e.probe,
+            "sidecars_reporting": e.sidecars_reporting, "sidecars_ejecting": e.sidecars_ejecting,
+            "sidecars_throttling": e.sidecars_throttling,
+            "window_ejections": e.window_ejections, "window_throttles": e.window_throttles,
+            "window_streams_broken": e.window_streams_broken,
         })).collect::<Vec<_>>(),
         "classes": s.classes.iter().map(|c| serde_json::json!({
             "name": c.name, "unroutable_reason": c.unroutable_reason, "note": c.note,
@@ -300,10 +305,14 @@ fn print_status(s: &pb::StatusResponse) {
             "killed"
         } else if e.drained {
             "drained"
+        } else if !e.down.is_empty() {
+            "down"
         } else if !e.ejections.is_empty() {
             "ejected"
         } else if !e.over_budget.is_empty() {
             "budget"
+        } else if e.probation {
+            "probation"
         } else {
             "ok"
         };
@@ -315,6 +324,8 @@ fn print_status(s: &pb::StatusResponse) {
             .join(",");
         let why = if !e.switched_off_reason.is_empty() {
             e.switched_off_reason.clone()
+        } else if !e.down.is_empty() {
+            e.down.clone()
         } else if !e.over_budget.is_empty() {
             format!("over budget: {}", e.over_budget)
         } else {

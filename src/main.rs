@@ -68,6 +68,16 @@ enum Command {
         /// Require client certificates chaining to these CAs (PEM): mutual TLS.
         #[arg(long, requires = "tls_cert")]
         client_ca: Option<PathBuf>,
+        /// How often each endpoint is probed with `GET /v1/models` (or its
+        /// policy's `health_path`), in milliseconds; 0 turns probes off.
+        /// Two failed probes in a row mark an endpoint down (weight 0),
+        /// two passes in a row bring it back, on probation.
+        #[arg(long, default_value_t = 2000)]
+        probe_ms: u64,
+        /// A probe not answered within this many milliseconds failed
+        /// (never more than --probe-ms).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        probe_timeout_ms: u64,
     },
     /// Run the sidecar proxy beside an app: with a control plane
     /// (`--control`), or alone, on a policy file (`--policy`).
@@ -198,8 +208,8 @@ struct MockArgs {
     /// Reasoning tokens added to (and counted in) each answer's completion tokens.
     #[arg(long, default_value_t = 0)]
     reasoning_tokens: u32,
-    /// Refuse chat completions that do not carry `Authorization: Bearer KEY`
-    /// (401), as a hosted provider does.
+    /// Refuse chat completions and the model list without
+    /// `Authorization: Bearer KEY` (401), as a hosted provider does.
     #[arg(long)]
     api_key: Option<String>,
     /// Requests served at once; more queue (and show in
@@ -289,6 +299,8 @@ fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             client_ca,
+            probe_ms,
+            probe_timeout_ms,
         } => runtime()?.block_on(async move {
             // State is durable unless a caller names a database: the audit
             // log must survive restarts.
@@ -321,6 +333,11 @@ fn main() -> anyhow::Result<()> {
                     }),
                     _ => None,
                 },
+                probe: (probe_ms > 0).then(|| switchyard_controlplane::probe::ProbeConfig {
+                    every: Duration::from_millis(probe_ms),
+                    timeout: Duration::from_millis(probe_timeout_ms),
+                    rule: switchyard_controlplane::health::ProbeRule::default(),
+                }),
             };
             switchyard_controlplane::run(config, listener, shutdown_signal()).await?;
             Ok(())

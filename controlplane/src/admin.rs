@@ -235,6 +235,24 @@ impl pb::admin_server::Admin for Admin {
                         .get(&e.name)
                         .cloned()
                         .unwrap_or_default(),
+                    down: decision.down.get(&e.name).cloned().unwrap_or_default(),
+                    probation: decision.probation.contains_key(&e.name),
+                    probe: sig
+                        .and_then(|s| s.probe.as_ref())
+                        .map(|p| {
+                            if p.failures == 0 {
+                                "ok".to_string()
+                            } else {
+                                format!("{} ({} failed in a row)", p.last_error, p.failures)
+                            }
+                        })
+                        .unwrap_or_default(),
+                    sidecars_reporting: sig.map_or(0, |s| s.sidecars_reporting),
+                    sidecars_ejecting: sig.map_or(0, |s| s.sidecars_ejecting),
+                    sidecars_throttling: sig.map_or(0, |s| s.sidecars_throttling),
+                    window_ejections: sum.ejections,
+                    window_throttles: sum.throttles,
+                    window_streams_broken: sum.streams_broken,
                 }
             })
             .collect();

@@ -183,6 +183,16 @@ impl Engine {
         self.switches.over_spend_budget = over_spend_budget;
         let current = self.publisher.current();
         let decision = weights::decide(&self.policy, &self.switches, &signals, &current.decision);
+        for (endpoint, why) in &decision.down {
+            if !current.decision.down.contains_key(endpoint) {
+                tracing::warn!(%endpoint, reason = %why, "endpoint down; weight 0");
+            }
+        }
+        for endpoint in current.decision.down.keys() {
+            if !decision.down.contains_key(endpoint) {
+                tracing::info!(%endpoint, "endpoint up again; back on probation");
+            }
+        }
         for (class, standing) in &decision.standing {
             for (endpoint, s) in standing {
                 let was = current

@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod engine;
+pub mod health;
+pub mod probe;
 pub mod publish;
 pub mod registry;
 pub mod routing;
@@ -45,6 +47,9 @@ pub struct ControlConfig {
     pub admin_token: Option<String>,
     /// TLS for every gRPC service; `None`: plain text.
     pub tls: Option<switchyard_proto::tls::ServerTls>,
+    /// How endpoints are probed; `None`: they are not, and only the
+    /// sidecars' reports say whether one is down.
+    pub probe: Option<probe::ProbeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,14 @@ pub async fn run(
         aggregator.clone(),
         interval.max(Duration::from_millis(250)),
     ));
+    match config.probe {
+        Some(p) => {
+            tokio::spawn(probe::run(tables.clone(), aggregator.clone(), p));
+        }
+        None => tracing::warn!(
+            "endpoint probes are off: only the sidecars' reports say whether an endpoint is down"
+        ),
+    }
     let state = services::State {
         tables,
         registry: Arc::new(registry::Registry::default()),

@@ -67,9 +67,7 @@ impl Registry {
         let mut eps = self.endpoints.lock();
         for w in &r.endpoints {
             let t = eps.entry(w.endpoint.clone()).or_default();
-            let errors = [w.errors_timeout, w.errors_5xx, w.errors_429]
-                .into_iter()
-                .fold(w.errors_connect, u64::saturating_add);
+            let errors = crate::signals::window_errors(w);
             t.requests = t.requests.saturating_add(w.requests);
             t.errors = t.errors.saturating_add(errors);
         }

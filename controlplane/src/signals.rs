@@ -1,18 +1,22 @@
 //! Telemetry merged across sidecars into per-endpoint signals over a sliding
-//! window of one-second buckets, plus the queue gauges scraped from vLLM.
+//! window of one-second buckets, plus the queue gauges scraped from vLLM
+//! and the control plane's own health probes.
 //!
 //! Reports are bucketed by when they arrive, not by the sidecar's clock:
 //! every sidecar reports once a second, so arrival time is accurate to a
 //! bucket, and the control plane never trusts clocks it does not own.
 //! Counts and histograms add up across sidecars (each report covers only its
-//! own interval); gauges (in-flight, RTT) are kept per sidecar and summed or
-//! averaged over the sidecars that reported recently.
+//! own interval); gauges (in-flight, RTT, local ejection and throttle) are
+//! kept per sidecar and summed, averaged or counted over the sidecars that
+//! reported recently.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use hdrhistogram::serialization::Deserializer;
 use hdrhistogram::{CreationError, Histogram};
 use switchyard_proto::v1 as pb;
+
+use crate::health::{self, ProbeState};
 
 /// Width of one bucket; sidecars report once a second.
 pub const BUCKET_MS: u64 = 1000;
@@ -34,11 +38,17 @@ pub fn ttft_histogram() -> Result<Histogram<u64>, CreationError> {
 pub struct Bucket {
     pub start_ms: u64,
     pub requests: u64,
-    /// Failed attempts of every kind (connect, timeout, 5xx, 429).
+    /// Failed attempts of every kind (connect, timeout, 5xx, 429, and
+    /// streams broken after their first byte).
     pub errors: u64,
     /// The subset of `errors` that timed out; they count as slower than any
     /// recorded TTFT.
     pub timeouts: u64,
+    /// The subset of `errors` that broke after their first byte.
+    pub streams_broken: u64,
+    /// Local ejections and 429 cooldowns sidecars started.
+    pub ejections: u64,
+    pub throttles: u64,
     /// Time to first token, microseconds.
     pub ttft: Histogram<u64>,
     pub tokens_in: u64,
@@ -55,6 +65,9 @@ impl Bucket {
             requests: 0,
             errors: 0,
             timeouts: 0,
+            streams_broken: 0,
+            ejections: 0,
+            throttles: 0,
             ttft: empty.clone(),
             tokens_in: 0,
             tokens_out: 0,
@@ -101,6 +114,13 @@ pub struct EndpointSignals {
     /// Mean smoothed RTT over the sidecars that measured one.
     pub rtt_ms: Option<f64>,
     pub queue: Option<Queue>,
+    /// Sidecars that reported on the endpoint recently, and how many of
+    /// them had it ejected, or throttled after a 429, when they last did.
+    pub sidecars_reporting: u32,
+    pub sidecars_ejecting: u32,
+    pub sidecars_throttling: u32,
+    /// The control plane's probes of it; `None` when it is not probed.
+    pub probe: Option<ProbeState>,
 }
 
 /// The window summed up, from some start on.
@@ -109,6 +129,9 @@ pub struct Summary {
     pub requests: u64,
     pub errors: u64,
     pub timeouts: u64,
+    pub streams_broken: u64,
+    pub ejections: u64,
+    pub throttles: u64,
     /// p95 time to first token in ms, timeouts counted as infinitely slow;
     /// `None` without samples.
     pub ttft_p95_ms: Option<f64>,
@@ -136,6 +159,9 @@ impl EndpointSignals {
             s.requests = s.requests.saturating_add(b.requests);
             s.errors = s.errors.saturating_add(b.errors);
             s.timeouts = s.timeouts.saturating_add(b.timeouts);
+            s.streams_broken = s.streams_broken.saturating_add(b.streams_broken);
+            s.ejections = s.ejections.saturating_add(b.ejections);
+            s.throttles = s.throttles.saturating_add(b.throttles);
             s.tokens_in = s.tokens_in.saturating_add(b.tokens_in);
             s.tokens_out = s.tokens_out.saturating_add(b.tokens_out);
             s.spend_usd += b.spend_usd;
@@ -161,6 +187,16 @@ impl EndpointSignals {
             ttft.map(|h| h.value_at_quantile(q) as f64 / 1000.0)
         };
         s
+    }
+
+    /// Why the endpoint is down, or `None` when it is up; see
+    /// [`health::judge`].
+    pub fn down(&self) -> Option<String> {
+        health::judge(
+            self.probe.as_ref(),
+            self.sidecars_ejecting,
+            self.sidecars_reporting,
+        )
     }
 }
 
@@ -193,6 +229,8 @@ impl Signals {
 struct Gauge {
     in_flight: u32,
     rtt_us: u32,
+    ejected: bool,
+    throttled: bool,
     at_ms: u64,
 }
 
@@ -201,7 +239,23 @@ struct Series {
     buckets: VecDeque<Bucket>,
     gauges: HashMap<String, Gauge>,
     scraped: Option<(u64, Queue)>,
+    probe: Option<ProbeState>,
     spend_total: f64,
+}
+
+/// A window's failed requests: the attempts that failed before the first
+/// byte, by kind, and the streams that broke after it (the stream
+/// contract in `telemetry.proto`). Counts come from sidecars: a wild one
+/// saturates, never overflows.
+pub fn window_errors(w: &pb::EndpointWindow) -> u64 {
+    [
+        w.errors_timeout,
+        w.errors_5xx,
+        w.errors_429,
+        w.streams_broken,
+    ]
+    .into_iter()
+    .fold(w.errors_connect, u64::saturating_add)
 }
 
 /// Takes in reports and scrapes; hands out snapshots.
@@ -240,6 +294,8 @@ impl Aggregator {
                 Gauge {
                     in_flight: w.in_flight,
                     rtt_us: w.rtt_us,
+                    ejected: w.ejected,
+                    throttled: w.throttled,
                     at_ms: now_ms,
                 },
             );
@@ -258,12 +314,13 @@ impl Aggregator {
             };
             // Counts come from sidecars: a wild one saturates, never
             // overflows.
-            let errors = [w.errors_timeout, w.errors_5xx, w.errors_429]
-                .into_iter()
-                .fold(w.errors_connect, u64::saturating_add);
+            let errors = window_errors(w);
             b.requests = b.requests.saturating_add(w.requests);
             b.errors = b.errors.saturating_add(errors);
             b.timeouts = b.timeouts.saturating_add(w.errors_timeout);
+            b.streams_broken = b.streams_broken.saturating_add(w.streams_broken);
+            b.ejections = b.ejections.saturating_add(u64::from(w.ejections));
+            b.throttles = b.throttles.saturating_add(u64::from(w.throttles));
             b.tokens_in = b.tokens_in.saturating_add(w.tokens_in);
             b.tokens_out = b.tokens_out.saturating_add(w.tokens_out);
             b.spend_usd += w.spend_usd;
@@ -288,6 +345,19 @@ impl Aggregator {
 
     pub fn set_queue(&mut self, endpoint: &str, q: Queue, now_ms: u64) {
         self.series.entry(endpoint.to_string()).or_default().scraped = Some((now_ms, q));
+    }
+
+    /// The probe history of `endpoint`; `None` when it is no longer probed
+    /// (left the policy, or cannot be probed), so no verdict is kept.
+    pub fn set_probe(&mut self, endpoint: &str, probe: Option<ProbeState>) {
+        match probe {
+            Some(p) => self.series.entry(endpoint.to_string()).or_default().probe = Some(p),
+            None => {
+                if let Some(s) = self.series.get_mut(endpoint) {
+                    s.probe = None;
+                }
+            }
+        }
     }
 
     /// Spend reported since the last call, per endpoint, for the ledger.
@@ -334,6 +404,7 @@ impl Aggregator {
                 .scraped
                 .filter(|(at, _)| now_ms.saturating_sub(*at) <= SCRAPE_TTL_MS)
                 .map(|(_, q)| q);
+            let count = |f: fn(&Gauge) -> bool| s.gauges.values().filter(|g| f(g)).count() as u32;
             endpoints.insert(
                 name.clone(),
                 EndpointSignals {
@@ -341,6 +412,10 @@ impl Aggregator {
                     in_flight,
                     rtt_ms,
                     queue,
+                    sidecars_reporting: s.gauges.len() as u32,
+                    sidecars_ejecting: count(|g| g.ejected),
+                    sidecars_throttling: count(|g| g.throttled),
+                    probe: s.probe.clone(),
                 },
             );
         }
@@ -430,6 +505,67 @@ mod tests {
         let sum = a.snapshot(1500).get("e").unwrap().summary(0);
         assert_eq!(sum.ttft_p95_ms, Some(f64::INFINITY));
         assert_eq!(sum.timeouts, 11);
+    }
+
+    #[test]
+    fn local_health_adds_up_and_most_sidecars_ejecting_is_down() {
+        let mut a = Aggregator::new(10_000).unwrap();
+        let ejected = |w: pb::EndpointWindow| pb::EndpointWindow {
+            ejections: 1,
+            ejected: true,
+            throttles: 2,
+            throttled: true,
+            streams_broken: 3,
+            ..w
+        };
+        a.ingest(&report("s1", vec![ejected(window("e", 4, &[5], 0))]), 1000);
+        a.ingest(&report("s2", vec![window("e", 1, &[5], 0)]), 1100);
+        let e = a.snapshot(1500).get("e").cloned().unwrap();
+        let sum = e.summary(0);
+        assert_eq!(
+            (sum.requests, sum.errors, sum.timeouts, sum.streams_broken),
+            (5, 6, 3, 3),
+            "broken streams are failures besides the timeouts"
+        );
+        assert_eq!((sum.ejections, sum.throttles), (1, 2));
+        assert_eq!(
+            (
+                e.sidecars_reporting,
+                e.sidecars_ejecting,
+                e.sidecars_throttling
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(e.down(), None, "one of two is not most");
+        a.ingest(&report("s3", vec![ejected(window("e", 0, &[], 0))]), 1200);
+        let e = a.snapshot(1500).get("e").cloned().unwrap();
+        assert_eq!(e.down().as_deref(), Some("ejected by 2 of 3 sidecars"));
+        // s1 and s3 come back: their latest report is what counts.
+        a.ingest(&report("s1", vec![window("e", 1, &[5], 0)]), 2100);
+        a.ingest(&report("s3", vec![window("e", 1, &[5], 0)]), 2100);
+        assert_eq!(a.snapshot(2500).get("e").unwrap().down(), None);
+        // Sidecars that stop reporting stop counting.
+        a.ingest(&report("s1", vec![ejected(window("e", 0, &[], 0))]), 9000);
+        let e = a.snapshot(9100).get("e").cloned().unwrap();
+        assert_eq!(e.down().as_deref(), Some("ejected by 1 of 1 sidecars"));
+    }
+
+    #[test]
+    fn probes_reach_the_snapshot_even_without_telemetry() {
+        let mut a = Aggregator::new(10_000).unwrap();
+        let p = ProbeState {
+            failures: 2,
+            passes: 0,
+            last_error: "connection refused".into(),
+            down: true,
+        };
+        a.set_probe("quiet", Some(p.clone()));
+        let s = a.snapshot(1000);
+        let e = s.get("quiet").unwrap();
+        assert_eq!(e.probe.as_ref(), Some(&p));
+        assert_eq!(e.down().as_deref(), Some("probe: connection refused"));
+        a.set_probe("quiet", None);
+        assert_eq!(a.snapshot(1000).get("quiet").unwrap().down(), None);
     }
 
     #[test]

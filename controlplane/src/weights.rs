@@ -3,6 +3,16 @@
 //! signals and the previous decision — no I/O, no clock (the time comes in
 //! with the signals) — so every rule below is unit- and property-tested.
 //!
+//! Health comes first, per endpoint: an endpoint the control plane judges
+//! down (its probes fail, or most reporting sidecars have ejected it; see
+//! `health`) gets weight 0 in every class, at once, and goes last in the
+//! fallback chains but stays in them (a degraded route beats none: when
+//! every endpoint a class may use is down, they all carry it). When it is
+//! up again it returns on probation: judged only on samples from then on,
+//! with its weight climbing by at most `max_step` per computation (rule 5)
+//! until it reaches its share; the decision lists it as on probation until
+//! then.
+//!
 //! Per class, in order:
 //! 1. Eligibility. Only endpoints the class may use (tier, models) that are
 //!    neither killed (by name or provider) nor drained. None left: the class
@@ -149,6 +159,13 @@ pub struct Decision {
     /// them. Stored under its old key, so a saved decision still loads.
     #[serde(default, rename = "over_budget")]
     pub over_spend_budget: BTreeMap<String, String>,
+    /// Endpoints judged down, with the reason: weight 0 everywhere.
+    #[serde(default)]
+    pub down: BTreeMap<String, String>,
+    /// Endpoints back from down whose weight is still climbing, with the
+    /// wall-clock ms they came back.
+    #[serde(default)]
+    pub probation: BTreeMap<String, u64>,
 }
 
 impl Decision {
@@ -541,6 +558,36 @@ pub fn decide(
     let mix = signals.token_mix();
     let rank = |e: &Endpoint| policy.tiers.iter().position(|t| *t == e.tier);
     let mut out = Decision::default();
+    let down: BTreeMap<String, String> = policy
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let why = signals.get(&e.name)?.down()?;
+            Some((e.name.clone(), why))
+        })
+        .collect();
+    let is_down = |e: &Endpoint| down.contains_key(&e.name);
+    // Up again since the previous decision: on probation from now.
+    let returning: BTreeSet<&String> = prev
+        .down
+        .keys()
+        .filter(|n| !down.contains_key(*n))
+        .collect();
+    let mut probation: BTreeMap<String, u64> = policy
+        .endpoints
+        .iter()
+        .filter(|e| !is_down(e))
+        .filter_map(|e| {
+            let since = if returning.contains(&e.name) {
+                Some(now)
+            } else {
+                prev.probation.get(&e.name).copied()
+            };
+            since.map(|t| (e.name.clone(), t))
+        })
+        .collect();
+    // Endpoints on probation still below their share in some class.
+    let mut climbing: BTreeSet<String> = BTreeSet::new();
     for class in &policy.classes {
         let allowed: Vec<&Endpoint> = policy
             .endpoints
@@ -568,6 +615,15 @@ pub fn decide(
         if dynamic {
             for e in &eligible {
                 let st = standing.entry(e.name.clone()).or_default();
+                if is_down(e) {
+                    // Down says more than the SLA can; its failures while
+                    // down are not held against it on return.
+                    continue;
+                }
+                if returning.contains(&e.name) {
+                    st.ejected_until_ms = 0;
+                    st.returned_ms = now;
+                }
                 if st.ejected(now) {
                     continue;
                 }
@@ -596,6 +652,7 @@ pub fn decide(
         fallback.sort_by(|a, b| {
             over(a)
                 .cmp(&over(b))
+                .then(is_down(a).cmp(&is_down(b)))
                 .then(is_ejected(a).cmp(&is_ejected(b)))
                 .then(rank(a).cmp(&rank(b)))
                 .then(cost(a, mix).total_cmp(&cost(b, mix)))
@@ -626,7 +683,7 @@ pub fn decide(
             if let Some(w) = &class.weights {
                 pinned = eligible
                     .iter()
-                    .filter(|e| !over(e))
+                    .filter(|e| !over(e) && !is_down(e))
                     .filter_map(|e| w.get(&e.name).map(|v| (e.name.clone(), *v)))
                     .collect();
                 normalise(&mut pinned);
@@ -636,7 +693,7 @@ pub fn decide(
             } else {
                 if class.weights.is_some() {
                     decision.note = Some(
-                        "every endpoint with a static weight is switched off or over budget; weights computed"
+                        "every endpoint with a static weight is switched off, over budget or down; weights computed"
                             .to_string(),
                     );
                 }
@@ -644,13 +701,20 @@ pub fn decide(
                 // theirs that break the SLA still come before those over.
                 let within: Vec<&Endpoint> =
                     eligible.iter().copied().filter(|e| !over(e)).collect();
+                let up: Vec<&Endpoint> = within.iter().copied().filter(|e| !is_down(e)).collect();
                 let healthy: Vec<&Endpoint> =
-                    within.iter().copied().filter(|e| !is_ejected(e)).collect();
+                    up.iter().copied().filter(|e| !is_ejected(e)).collect();
                 let active = if !healthy.is_empty() {
                     healthy
-                } else if !within.is_empty() {
+                } else if !up.is_empty() {
                     decision.note = Some(
                         "every eligible endpoint within budget breaks the SLA; routing on all of them"
+                            .to_string(),
+                    );
+                    up
+                } else if !within.is_empty() {
+                    decision.note = Some(
+                        "every eligible endpoint within budget is down; routing on all of them"
                             .to_string(),
                     );
                     within
@@ -658,7 +722,13 @@ pub fn decide(
                     decision.note = Some(
                         "every eligible endpoint is over budget; the class degrades".to_string(),
                     );
-                    eligible.clone()
+                    let up: Vec<&Endpoint> =
+                        eligible.iter().copied().filter(|e| !is_down(e)).collect();
+                    if up.is_empty() {
+                        eligible.clone()
+                    } else {
+                        up
+                    }
                 };
                 let t = target(policy, class, &active, signals);
                 // Zero targets stay in the map: an endpoint that keeps its
@@ -679,7 +749,14 @@ pub fn decide(
                     .collect();
                 let empty = BTreeMap::new();
                 let prev_routes = prev.classes.get(&class.name).map_or(&empty, |c| &c.routes);
-                smooth(prev_routes, &t, r.max_step, r.hysteresis)
+                let routes = smooth(prev_routes, &t, r.max_step, r.hysteresis);
+                for (name, share) in &t {
+                    let has = routes.get(name).copied().unwrap_or(0.0);
+                    if probation.contains_key(name) && has < share - r.hysteresis.max(1e-9) {
+                        climbing.insert(name.clone());
+                    }
+                }
+                routes
             };
             let mut routes = routes;
             if apply_overrides(&mut routes, &class.name, &eligible, switches, now) {
@@ -697,6 +774,9 @@ pub fn decide(
         out.classes.insert(class.name.clone(), decision);
         out.standing.insert(class.name.clone(), standing);
     }
+    probation.retain(|name, _| climbing.contains(name));
+    out.down = down;
+    out.probation = probation;
     out.over_spend_budget = switches
         .over_spend_budget
         .iter()

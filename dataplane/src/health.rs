@@ -153,11 +153,35 @@ impl PeakEwma {
 /// TTFTs kept for the hedging delay.
 const TTFT_SAMPLES: usize = 64;
 
+/// The local health the control plane is told about in each telemetry
+/// window: what started in the window, and what is in force when it closes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalHealth {
+    /// Local ejections started since the last report.
+    pub ejections: u32,
+    pub ejected: bool,
+    /// 429 cooldowns started (not merely extended) since the last report.
+    pub throttles: u32,
+    pub throttled: bool,
+}
+
+impl LocalHealth {
+    /// Whether there is anything to tell: an endpoint ejected or throttled
+    /// gets no traffic, so its window would otherwise be empty and left
+    /// out of the report, and the control plane would never hear of it.
+    pub fn worth_reporting(&self) -> bool {
+        self.ejections > 0 || self.ejected || self.throttles > 0 || self.throttled
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     outlier: Outlier,
     ewma: PeakEwma,
     throttled_until: Option<Instant>,
+    /// Counted since the last telemetry report; see [`LocalHealth`].
+    ejections_started: u32,
+    throttles_started: u32,
     ttft_us: [u32; TTFT_SAMPLES],
     ttft_len: usize,
     ttft_next: usize,
@@ -184,6 +208,8 @@ impl EndpointState {
                 outlier: Outlier::default(),
                 ewma: PeakEwma::new(Duration::from_secs(10)),
                 throttled_until: None,
+                ejections_started: 0,
+                throttles_started: 0,
                 ttft_us: [0; TTFT_SAMPLES],
                 ttft_len: 0,
                 ttft_next: 0,
@@ -240,12 +266,33 @@ impl EndpointState {
         // A failure is at least as bad as its time, so slow failures raise
         // the latency estimate too.
         i.ewma.observe(took, now);
-        i.outlier.failure(now, p)
+        let ejected = i.outlier.failure(now, p);
+        if ejected.is_some() {
+            i.ejections_started = i.ejections_started.saturating_add(1);
+        }
+        ejected
     }
 
-    pub fn throttle(&self, until: Instant) {
+    /// Holds traffic back until `until` after a 429. `now` tells a new
+    /// cooldown from one extending a cooldown in force.
+    pub fn throttle(&self, until: Instant, now: Instant) {
         let mut i = self.lock();
+        if i.throttled_until.is_none_or(|u| now >= u) {
+            i.throttles_started = i.throttles_started.saturating_add(1);
+        }
         i.throttled_until = Some(i.throttled_until.map_or(until, |u| u.max(until)));
+    }
+
+    /// The local health for a telemetry report, as of `now`; the counts
+    /// start again from zero.
+    pub fn take_health(&self, now: Instant) -> LocalHealth {
+        let mut i = self.lock();
+        LocalHealth {
+            ejections: std::mem::take(&mut i.ejections_started),
+            ejected: i.outlier.ejected(now),
+            throttles: std::mem::take(&mut i.throttles_started),
+            throttled: i.throttled_until.is_some_and(|u| now < u),
+        }
     }
 
     /// p95 of the recent TTFTs; `None` before any.
@@ -335,8 +382,8 @@ mod tests {
         let s = EndpointState::new();
         let t = Instant::now();
         assert_eq!(s.cooldown(t), (Duration::ZERO, Duration::ZERO));
-        s.throttle(t + Duration::from_secs(30));
-        s.throttle(t + Duration::from_secs(10)); // a shorter one does not cut it
+        s.throttle(t + Duration::from_secs(30), t);
+        s.throttle(t + Duration::from_secs(10), t); // a shorter one does not cut it
         for _ in 0..3 {
             s.failure(Duration::ZERO, t, &p);
         }
@@ -348,6 +395,43 @@ mod tests {
             s.cooldown(t + Duration::from_secs(31)),
             (Duration::ZERO, Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn local_health_counts_what_started_and_says_what_is_in_force() {
+        let p = policy();
+        let s = EndpointState::new();
+        let t = Instant::now();
+        assert_eq!(s.take_health(t), LocalHealth::default());
+        assert!(!LocalHealth::default().worth_reporting());
+        s.throttle(t + Duration::from_secs(2), t);
+        // Extending a cooldown in force is not a new throttle.
+        s.throttle(t + Duration::from_secs(3), t + Duration::from_secs(1));
+        for _ in 0..3 {
+            s.failure(Duration::ZERO, t, &p);
+        }
+        let h = s.take_health(t);
+        assert_eq!(
+            h,
+            LocalHealth {
+                ejections: 1,
+                ejected: true,
+                throttles: 1,
+                throttled: true
+            }
+        );
+        assert!(h.worth_reporting());
+        // Taken: the counts start again, the gauges still hold.
+        let h = s.take_health(t + Duration::from_millis(500));
+        assert_eq!(
+            (h.ejections, h.ejected, h.throttles, h.throttled),
+            (0, true, 0, true)
+        );
+        // Both over: nothing to tell; a 429 after the cooldown starts a new one.
+        let later = t + Duration::from_secs(5);
+        assert!(!s.take_health(later).worth_reporting());
+        s.throttle(later + Duration::from_secs(1), later);
+        assert_eq!(s.take_health(later).throttles, 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the sidecar counts per endpoint for the control plane: requests,
-//! errors by kind, time to first token and total latency (hdrhistogram,
-//! microseconds), tokens and spend. Each endpoint keeps its own window
+//! errors by kind, streams broken after their first byte, time to first
+//! token and total latency (hdrhistogram, microseconds), tokens and spend,
+//! with its local health (ejections and throttles) beside them. Each endpoint keeps its own window
 //! (one short lock per finished attempt, no lock shared across endpoints);
 //! the telemetry reporter takes every window whole each second, so each
 //! report covers only its own interval.
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 use switchyard_proto::v1 as pb;
 use switchyard_wire::usage::Tokens;
 
-use crate::health::Endpoints;
+use crate::health::{Endpoints, LocalHealth};
 
 /// Why an attempt failed; the kinds the control plane weighs differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     pub error: Option<ErrorKind>,
+    /// Set once the first byte came: an error with a TTFT is a stream that
+    /// broke after it.
     pub ttft: Option<Duration>,
     pub latency: Duration,
     /// Tokens the provider reported, when it did.
@@ -64,7 +67,10 @@ fn micros(d: Duration) -> u64 {
 #[derive(Debug)]
 struct Counts {
     requests: u64,
+    /// Failures before the first byte, by kind.
     errors: [u64; 5],
+    /// Failures after it.
+    streams_broken: u64,
     tokens: Tokens,
     spend_usd: f64,
     /// `None` only if the histogram bounds were refused, which they are
@@ -82,6 +88,7 @@ impl Default for Counts {
         Self {
             requests: 0,
             errors: [0; 5],
+            streams_broken: 0,
             tokens: Tokens::default(),
             spend_usd: 0.0,
             ttft: histogram(),
@@ -100,10 +107,14 @@ impl Window {
     pub fn record(&self, o: &Outcome) {
         let mut c = self.counts.lock();
         c.requests += 1;
-        if let Some(e) = o.error {
-            if let Some(n) = c.errors.get_mut(e as usize) {
-                *n += 1;
+        match (o.error, o.ttft) {
+            (Some(_), Some(_)) => c.streams_broken += 1,
+            (Some(e), None) => {
+                if let Some(n) = c.errors.get_mut(e as usize) {
+                    *n += 1;
+                }
             }
+            (None, _) => {}
         }
         if let (Some(t), Some(h)) = (o.ttft, c.ttft.as_mut()) {
             let _ = h.record(micros(t));
@@ -121,9 +132,14 @@ impl Window {
 
     /// The window as telemetry, and a fresh start. The histograms are reset
     /// in place, not reallocated.
-    fn take(&self, endpoint: &str, in_flight: u32) -> Option<pb::EndpointWindow> {
+    fn take(
+        &self,
+        endpoint: &str,
+        in_flight: u32,
+        health: LocalHealth,
+    ) -> Option<pb::EndpointWindow> {
         let mut c = self.counts.lock();
-        if c.requests == 0 && in_flight == 0 {
+        if c.requests == 0 && in_flight == 0 && !health.worth_reporting() {
             return None;
         }
         let mut ser = V2Serializer::new();
@@ -151,10 +167,16 @@ impl Window {
             tokens_out: c.tokens.output,
             spend_usd: c.spend_usd,
             in_flight,
+            ejections: health.ejections,
+            ejected: health.ejected,
+            throttles: health.throttles,
+            throttled: health.throttled,
+            streams_broken: c.streams_broken,
             ..Default::default()
         };
         c.requests = 0;
         c.errors = [0; 5];
+        c.streams_broken = 0;
         c.tokens = Tokens::default();
         c.spend_usd = 0.0;
         Some(w)
@@ -163,13 +185,15 @@ impl Window {
 
 /// Takes every endpoint's window counted since the last call, as telemetry,
 /// sorted by endpoint. An endpoint so slow that nothing finished in the
-/// window still reports its in-flight gauge: that is when the control
-/// plane most needs it.
+/// window still reports its in-flight gauge, and one ejected or throttled
+/// here (so sent nothing) still reports that: that is when the control
+/// plane most needs them.
 pub fn take_report(live: &Endpoints) -> Vec<pb::EndpointWindow> {
+    let now = std::time::Instant::now();
     let mut out: Vec<pb::EndpointWindow> = live
         .all()
         .into_iter()
-        .filter_map(|(name, s)| s.usage.take(&name, s.in_flight()))
+        .filter_map(|(name, s)| s.usage.take(&name, s.in_flight(), s.take_health(now)))
         .collect();
     out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
     out
@@ -233,5 +257,60 @@ mod tests {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         assert!(take_report(&live).is_empty());
         drop(idle);
+    }
+
+    #[test]
+    fn broken_streams_and_local_health_reach_the_report() {
+        let live = Endpoints::default();
+        let a = live.get("a");
+        let broken = |error| Outcome {
+            error: Some(error),
+            ttft: Some(Duration::from_millis(5)),
+            latency: Duration::from_millis(50),
+            tokens: None,
+            spend_usd: 0.0,
+        };
+        a.usage.record(&broken(ErrorKind::Broken));
+        a.usage.record(&broken(ErrorKind::Timeout));
+        a.usage.record(&Outcome::failed(
+            ErrorKind::Timeout,
+            Duration::from_millis(9),
+        ));
+        let r = take_report(&live);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].requests, r[0].streams_broken, r[0].errors_timeout),
+            (3, 2, 1),
+            "a stream broken after its first byte is not also a failure before it"
+        );
+        assert!(!r[0].ejected && !r[0].throttled);
+
+        // Ejected with nothing else to say: still reported, once with the
+        // ejection's start and then as a gauge while it lasts.
+        let p = crate::health::OutlierPolicy {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let now = std::time::Instant::now();
+        a.failure(Duration::ZERO, now, &p);
+        a.throttle(now + Duration::from_secs(60), now);
+        let r = take_report(&live);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (
+                r[0].requests,
+                r[0].ejections,
+                r[0].ejected,
+                r[0].throttles,
+                r[0].throttled
+            ),
+            (0, 1, true, 1, true)
+        );
+        let r = take_report(&live);
+        assert_eq!(
+            (r.len(), r[0].ejections, r[0].ejected, r[0].throttles),
+            (1, 0, true, 0)
+        );
     }
 }

@@ -38,8 +38,9 @@ pub struct MockConfig {
     /// `vllm:num_requests_waiting`), so latency grows under overload as on a
     /// real GPU server. `None`: no limit.
     pub capacity: Option<u32>,
-    /// When set, chat completions without `Authorization: Bearer <key>`
-    /// get a 401, as a hosted provider answers a wrong key.
+    /// When set, chat completions and the model list without
+    /// `Authorization: Bearer <key>` get a 401, as a hosted provider
+    /// answers a wrong key.
     pub api_key: Option<String>,
 }
 
@@ -62,6 +63,12 @@ struct Shared {
     faults: Mutex<HashMap<&'static str, u64>>,
     /// Chat completions refused for a missing or wrong key.
     unauthorized: AtomicU64,
+    /// `GET /v1/models` calls (health probes make them), and those of
+    /// them refused for a missing or wrong key.
+    models: AtomicU64,
+    models_unauthorized: AtomicU64,
+    /// `GET /health` calls.
+    health: AtomicU64,
     completions: Mutex<Kept>,
 }
 
@@ -103,12 +110,15 @@ pub async fn serve(
         in_flight: AtomicU64::new(0),
         faults: Mutex::new(HashMap::new()),
         unauthorized: AtomicU64::new(0),
+        models: AtomicU64::new(0),
+        models_unauthorized: AtomicU64::new(0),
+        health: AtomicU64::new(0),
         completions: Mutex::new(Kept::default()),
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/config", get(get_config).post(set_config))
         .route("/admin/stats", get(stats))
@@ -175,23 +185,31 @@ async fn slot(s: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
     sem.acquire_owned().await.ok()
 }
 
+/// The 401 a hosted provider answers a missing or wrong key with, when
+/// the mock has a key and `headers` do not carry it.
+fn refuse_key(s: &Shared, headers: &axum::http::HeaderMap) -> Option<Response> {
+    let key = s.config.api_key.as_ref()?;
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if sent == Some(key.as_str()) {
+        return None;
+    }
+    let body = json!({"error": {
+        "message": "Incorrect API key provided.",
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    Some((StatusCode::UNAUTHORIZED, Json(body)).into_response())
+}
+
 async fn chat(
     State(s): State<Arc<Shared>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(key) = &s.config.api_key {
-        let sent = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if sent != Some(key.as_str()) {
-            s.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let body = json!({"error": {
-                "message": "Incorrect API key provided.",
-                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
-            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-        }
+    if let Some(refused) = refuse_key(&s, &headers) {
+        s.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return refused;
     }
     s.requests.fetch_add(1, Ordering::Relaxed);
     s.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -393,14 +411,25 @@ fn prompt_tokens(messages: &[Value]) -> u32 {
     (chars / 4).max(1) as u32
 }
 
-async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
+async fn health(State(s): State<Arc<Shared>>) -> &'static str {
+    s.health.fetch_add(1, Ordering::Relaxed);
+    "ok"
+}
+
+/// Lists the models; wants the key when the mock has one, as OpenAI does.
+async fn models(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    s.models.fetch_add(1, Ordering::Relaxed);
+    if let Some(refused) = refuse_key(&s, &headers) {
+        s.models_unauthorized.fetch_add(1, Ordering::Relaxed);
+        return refused;
+    }
     let data: Vec<Value> = s
         .config
         .models
         .iter()
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": s.config.name}))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// vLLM's queue gauges, so the control plane can scrape a mock as it would
@@ -467,6 +496,9 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "capacity": s.config.capacity,
         "faults": faults,
         "unauthorized": s.unauthorized.load(Ordering::Relaxed),
+        "models": s.models.load(Ordering::Relaxed),
+        "models_unauthorized": s.models_unauthorized.load(Ordering::Relaxed),
+        "health": s.health.load(Ordering::Relaxed),
     }))
 }
 

@@ -153,6 +153,11 @@ pub struct Endpoint {
     /// `file:/path`. A reference only; the key never passes through here.
     #[serde(default)]
     pub credential: Option<String>,
+    /// What the control plane's health probes ask for with `GET`, under
+    /// `url` (as the chat path is): `/v1/models` when absent. Must cost no
+    /// tokens; a path such as `/health` on vLLM.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 fn default_api() -> ApiKind {
@@ -421,6 +426,11 @@ impl Policy {
                     return err(at("metrics_url"), msg);
                 }
             }
+            if let Some(h) = &e.health_path {
+                if let Err(msg) = check_health_path(h) {
+                    return err(at("health_path"), msg);
+                }
+            }
             for (f, v) in [
                 ("price.input_per_mtok", Some(e.price.input_per_mtok)),
                 ("price.output_per_mtok", Some(e.price.output_per_mtok)),
@@ -640,6 +650,27 @@ fn check_url(raw: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A health path is appended to the endpoint's URL as it stands, so it is
+/// a plain absolute path: no scheme or host (probes go to the endpoint
+/// itself), no query or fragment, nothing a URL would have to escape.
+fn check_health_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.starts_with("//") {
+        return Err(format!("{p:?} must be an absolute path such as /health"));
+    }
+    if p.contains(['?', '#']) {
+        return Err("must not have a query or fragment".into());
+    }
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not hold spaces or control characters".into());
+    }
+    if p.contains("/chat/") || p.contains("/completions") || p.contains("/embeddings") {
+        return Err(format!(
+            "{p:?} looks like an inference route; probes must cost no tokens"
+        ));
+    }
+    Ok(())
+}
+
 /// Finds the line of a dotted field path (`classes[1].weights.a`) in
 /// block-style YAML by walking keys and list items by indentation. Returns
 /// the deepest line it could reach; `None` only when not even the top key
@@ -779,6 +810,34 @@ classes:
             ("endpoints[1].credential", Some(11))
         );
         assert!(!e.to_string().contains("sk-live-abc123"), "{e}");
+    }
+
+    #[test]
+    fn a_health_path_is_optional_and_must_be_a_cheap_plain_path() {
+        let with = |h: &str| {
+            GOOD.replace(
+                "    tier: burst\n",
+                &format!("    tier: burst\n    health_path: {h:?}\n"),
+            )
+        };
+        assert_eq!(Policy::parse(GOOD).unwrap().endpoints[1].health_path, None);
+        let p = Policy::parse(&with("/health")).unwrap();
+        assert_eq!(p.endpoints[1].health_path.as_deref(), Some("/health"));
+        for bad in [
+            "health",
+            "//evil.example/x",
+            "/health?x=1",
+            "/a b",
+            "/v1/chat/completions",
+            "/v1/completions",
+        ] {
+            let e = Policy::parse(&with(bad)).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.line),
+                ("endpoints[1].health_path", Some(11)),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

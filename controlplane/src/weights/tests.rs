@@ -2,6 +2,7 @@
 //! invariants that must hold for any policy, switches and signals.
 
 use super::*;
+use crate::health::ProbeState;
 use crate::signals::{Bucket, EndpointSignals, Queue};
 use proptest::collection::SizeRange;
 use proptest::prelude::*;
@@ -161,6 +162,119 @@ fn an_endpoint_breaking_the_sla_is_ejected_and_returns_gradually() {
         "{seen:?}"
     );
     assert_eq!(*seen.last().unwrap(), 1.0, "{seen:?}");
+}
+
+/// `s` with the control plane's probes failing (down) or passing.
+fn probed(mut s: EndpointSignals, down: bool) -> EndpointSignals {
+    s.probe = Some(ProbeState {
+        failures: if down { 2 } else { 0 },
+        passes: if down { 0 } else { 2 },
+        last_error: "connection refused".into(),
+        down,
+    });
+    s
+}
+
+#[test]
+fn a_down_endpoint_gets_weight_zero_at_once_and_returns_on_probation() {
+    let p = three_tiers("  exploration: 0\n");
+    let sw = Switches::default();
+    let warm = decide(&p, &sw, &signals(NOW, &[]), &Decision::default());
+    assert_eq!(w(&warm, "standard", "onprem"), 1.0);
+
+    // Killed: its probes fail, and the sidecars saw errors before that.
+    let dead =
+        |t: u64, down: bool| signals(t, &[("onprem", probed(traffic(NOW, 50.0, 10, 0.0), down))]);
+    let d = decide(&p, &sw, &dead(NOW, true), &warm);
+    assert_eq!(w(&d, "standard", "onprem"), 0.0, "out at once");
+    assert_eq!(w(&d, "standard", "burst"), 1.0);
+    assert_eq!(
+        d.down.get("onprem").map(String::as_str),
+        Some("probe: connection refused")
+    );
+    assert_eq!(
+        d.classes["standard"].fallback,
+        ["burst", "hosted", "onprem"]
+    );
+    assert!(
+        !d.standing["standard"]["onprem"].ejected(NOW),
+        "down is not also judged on the SLA"
+    );
+    let d = decide(&p, &sw, &dead(NOW + 1000, true), &d);
+    assert_eq!(w(&d, "standard", "onprem"), 0.0);
+
+    // Probes pass: back on probation, climbing by at most max_step, and
+    // not ejected for the errors it had while down.
+    let mut d = d;
+    let mut seen = vec![];
+    let mut on_probation = vec![];
+    for i in 0..14 {
+        d = decide(&p, &sw, &dead(NOW + 2000 + i * 1000, false), &d);
+        assert!(d.down.is_empty());
+        seen.push(w(&d, "standard", "onprem"));
+        on_probation.push(d.probation.contains_key("onprem"));
+    }
+    assert!((seen[0] - 0.1).abs() < 1e-9, "{seen:?}");
+    assert!(
+        seen.windows(2)
+            .all(|p| p[1] >= p[0] && p[1] - p[0] <= 0.1 + 1e-9),
+        "{seen:?}"
+    );
+    assert_eq!(*seen.last().unwrap(), 1.0, "{seen:?}");
+    assert!(on_probation[0], "on probation while it climbs");
+    assert!(!on_probation.last().unwrap(), "and not once it is back");
+    assert_eq!(d.probation.get("onprem"), None);
+}
+
+#[test]
+fn most_sidecars_ejecting_is_down_and_a_class_with_every_endpoint_down_still_routes() {
+    let p = three_tiers("");
+    let ejected = EndpointSignals {
+        sidecars_reporting: 3,
+        sidecars_ejecting: 2,
+        ..Default::default()
+    };
+    let s = signals(NOW, &[("onprem", ejected.clone())]);
+    let d = decide(&p, &Switches::default(), &s, &Decision::default());
+    assert_eq!(
+        d.down.get("onprem").map(String::as_str),
+        Some("ejected by 2 of 3 sidecars")
+    );
+    assert_eq!(w(&d, "standard", "onprem"), 0.0);
+
+    let all = signals(
+        NOW,
+        &[
+            ("onprem", ejected.clone()),
+            ("burst", probed(EndpointSignals::default(), true)),
+            ("hosted", probed(EndpointSignals::default(), true)),
+        ],
+    );
+    let d = decide(&p, &Switches::default(), &all, &Decision::default());
+    let c = &d.classes["standard"];
+    assert_eq!(d.down.len(), 3);
+    assert!(c.unroutable.is_none());
+    assert!((sum(c) - 1.0).abs() < 1e-9);
+    assert!(c.note.as_deref().unwrap().contains("down"), "{c:?}");
+}
+
+#[test]
+fn static_weights_leave_out_down_endpoints() {
+    let p = Policy::parse(
+        "\
+default_class: standard
+endpoints:
+  - { name: a, url: 'http://127.0.0.1:1', tier: onprem, models: [m], price: { input_per_mtok: 0, output_per_mtok: 0 } }
+  - { name: b, url: 'http://127.0.0.1:2', tier: onprem, models: [m], price: { input_per_mtok: 0, output_per_mtok: 0 } }
+classes:
+  - { name: standard, weights: { a: 0.5, b: 0.5 } }
+",
+    )
+    .unwrap();
+    let s = signals(NOW, &[("a", probed(EndpointSignals::default(), true))]);
+    let d = decide(&p, &Switches::default(), &s, &Decision::default());
+    assert_eq!(w(&d, "standard", "a"), 0.0);
+    assert_eq!(w(&d, "standard", "b"), 1.0);
 }
 
 #[test]
@@ -556,6 +670,7 @@ fn make_signals(now: u64, sigs: &[Sig]) -> Signals {
                     in_flight: f64::from(s.in_flight),
                     rtt_ms: s.rtt_ms.map(f64::from),
                     queue: None,
+                    ..Default::default()
                 },
             )
         })
@@ -753,6 +868,42 @@ proptest! {
             d = next;
         }
         prop_assert!(changes[45..].iter().all(|c| !c), "{changes:?}");
+    }
+
+    #[test]
+    fn down_endpoints_carry_nothing_while_an_eligible_one_is_up(
+        (eps, classes) in fleet(1..6, 1..4),
+        sigs in proptest::collection::vec(sig(), 6),
+        routing in (0..10u8, 0..45u8, 0..100u8),
+        down in any::<u8>(),
+        steps in 1..4usize,
+    ) {
+        let p = render(&eps, &classes, routing);
+        let sw = Switches::default();
+        let mut d = Decision::default();
+        for i in 0..steps {
+            let mut s = make_signals(NOW + i as u64 * 1000, &sigs[..eps.len()]);
+            for (j, e) in s.endpoints.values_mut().enumerate() {
+                if down & (1 << j) != 0 {
+                    e.sidecars_reporting = 1;
+                    e.sidecars_ejecting = 1;
+                }
+            }
+            d = decide(&p, &sw, &s, &d);
+            check_invariants(&p, &sw, &d)?;
+            for class in &p.classes {
+                let c = &d.classes[&class.name];
+                let up = p.endpoints.iter().any(|e| class.may_use(e) && !d.down.contains_key(&e.name));
+                if up && class.weights.is_none() {
+                    for name in c.routes.keys() {
+                        prop_assert!(!d.down.contains_key(name), "{} routed to {name}, down: {d:?}", class.name);
+                    }
+                }
+                for name in d.down.keys() {
+                    prop_assert!(!d.probation.contains_key(name));
+                }
+            }
+        }
     }
 
     #[test]

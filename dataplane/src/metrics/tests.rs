@@ -136,7 +136,8 @@ fn live_gauges_show_the_table_version_in_flight_and_cooldowns() {
     state
         .in_flight
         .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
-    state.throttle(Instant::now() + std::time::Duration::from_secs(30));
+    let now = Instant::now();
+    state.throttle(now + std::time::Duration::from_secs(30), now);
     struct NoRtt;
     impl switchyard_rtt::RttSource for NoRtt {
         fn rtt(&self, _: std::net::SocketAddr) -> Option<switchyard_rtt::RttSample> {

@@ -22,7 +22,7 @@ pub fn attempt_failed(ep: &Endpoint, e: &AttemptError, took: Duration, outlier: 
     } = e
     {
         ep.state
-            .throttle(now + retry_after.unwrap_or(Duration::from_secs(1)));
+            .throttle(now + retry_after.unwrap_or(Duration::from_secs(1)), now);
     }
     if let Some(d) = ep.state.failure(took, now, outlier) {
         ep.ejections.inc();

@@ -1,0 +1,288 @@
+//! Health probes that spend no tokens: every interval the control plane
+//! sends each endpoint `GET {url}/v1/models` (or the endpoint's
+//! `health_path`), with the endpoint's credential, and feeds the results to
+//! the probe state machine in `health`. Never a completion: a probe must
+//! not cost money or take a serving slot from real traffic.
+//!
+//! The credential reference is resolved in the control plane's own
+//! environment. Keys usually live beside the sidecars only; when the
+//! reference cannot be resolved here the probe goes without it, and that is
+//! said once in the log (a provider that refuses unauthenticated probes then
+//! shows the refusal as the probe's error). The key itself is never logged.
+//!
+//! Plain http only: the HTTP client here has no TLS, so https endpoints are
+//! not probed (their health then rests on the sidecars' reports).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use reqwest::header::HeaderValue;
+use switchyard_policy::{CredentialRef, Endpoint};
+use tokio::sync::watch;
+
+use crate::health::{ProbeRule, ProbeState, Turn};
+use crate::publish::Published;
+use crate::signals::Aggregator;
+
+/// Probed when the policy names no `health_path`: lists models, costs
+/// nothing, and every OpenAI-compatible server has it.
+pub const DEFAULT_HEALTH_PATH: &str = "/v1/models";
+
+/// How probes run.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeConfig {
+    pub every: Duration,
+    /// A probe not answered within this failed.
+    pub timeout: Duration,
+    pub rule: ProbeRule,
+}
+
+/// Why an endpoint's credential cannot be used by the probes. The messages
+/// name the reference, never the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialError {
+    #[error("the credential reference is invalid: {0}")]
+    Invalid(String),
+    #[error("env:{0} is not set in the control plane's environment")]
+    EnvMissing(String),
+    #[error("file:{path} cannot be read here: {reason}")]
+    File { path: String, reason: String },
+    #[error("the credential is empty")]
+    Empty,
+    #[error("the credential holds characters a header cannot carry")]
+    NotAHeader,
+}
+
+/// The `Authorization` header for an endpoint's credential reference, as a
+/// sensitive header value (never printed by `Debug`).
+pub fn credential(reference: &str) -> Result<HeaderValue, CredentialError> {
+    let key = match CredentialRef::parse(reference).map_err(CredentialError::Invalid)? {
+        CredentialRef::Env(name) => {
+            std::env::var(name).map_err(|_| CredentialError::EnvMissing(name.to_string()))?
+        }
+        CredentialRef::File(path) => {
+            std::fs::read_to_string(path).map_err(|e| CredentialError::File {
+                path: path.to_string(),
+                reason: e.kind().to_string(),
+            })?
+        }
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(CredentialError::Empty);
+    }
+    let mut value =
+        HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| CredentialError::NotAHeader)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Where an endpoint is probed, or why it is not.
+pub fn probe_url(e: &Endpoint) -> Result<String, String> {
+    let base = e.url.trim_end_matches('/');
+    if !base.starts_with("http://") {
+        return Err("not plain http; https endpoints are not probed yet".into());
+    }
+    let path = e.health_path.as_deref().unwrap_or(DEFAULT_HEALTH_PATH);
+    Ok(format!("{base}{path}"))
+}
+
+/// A failed request said as an operator reads it: the cause, not the URL
+/// or a chain of wrappers.
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("no answer within {} ms", timeout.as_millis());
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                kind => format!("{kind}"),
+            };
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        "cannot connect".into()
+    } else {
+        "request failed".into()
+    }
+}
+
+/// One probe: passes on any 2xx answer.
+async fn probe(
+    client: &reqwest::Client,
+    url: &str,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut req = client.get(url);
+    if let Some(a) = auth {
+        req = req.header(reqwest::header::AUTHORIZATION, a);
+    }
+    let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
+    let status = resp.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", status.as_u16()))
+    }
+}
+
+/// Probes every endpoint of the policy in force each `config.every`, until
+/// the process ends, and keeps the aggregator's probe states current.
+pub async fn run(
+    tables: watch::Receiver<Arc<Published>>,
+    aggregator: Arc<Mutex<Aggregator>>,
+    config: ProbeConfig,
+) {
+    let timeout = config
+        .timeout
+        .min(config.every)
+        .max(Duration::from_millis(1));
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client; endpoints will not be probed");
+            return;
+        }
+    };
+    let mut states: BTreeMap<String, ProbeState> = BTreeMap::new();
+    // What was already said about each endpoint, so it is said once.
+    let mut unprobed: BTreeSet<String> = BTreeSet::new();
+    let mut no_credential: BTreeMap<String, String> = BTreeMap::new();
+    let mut tick = tokio::time::interval(config.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let endpoints: Vec<Endpoint> = tables.borrow().policy.endpoints.clone();
+        let mut targets = Vec::new();
+        for e in &endpoints {
+            let url = match probe_url(e) {
+                Ok(u) => {
+                    unprobed.remove(&e.name);
+                    u
+                }
+                Err(why) => {
+                    if unprobed.insert(e.name.clone()) {
+                        tracing::debug!(endpoint = %e.name, reason = %why, "endpoint not probed");
+                    }
+                    continue;
+                }
+            };
+            let auth = match e.credential.as_deref().map(credential) {
+                None => None,
+                Some(Ok(h)) => {
+                    no_credential.remove(&e.name);
+                    Some(h)
+                }
+                Some(Err(why)) => {
+                    let why = why.to_string();
+                    if no_credential.get(&e.name) != Some(&why) {
+                        tracing::warn!(endpoint = %e.name, reason = %why,
+                            "probing without the endpoint's credential");
+                        no_credential.insert(e.name.clone(), why);
+                    }
+                    None
+                }
+            };
+            targets.push((e.name.clone(), url, auth));
+        }
+        let results = futures::future::join_all(targets.into_iter().map(|(name, url, auth)| {
+            let client = client.clone();
+            async move {
+                let r = probe(&client, &url, auth, timeout).await;
+                (name, r)
+            }
+        }))
+        .await;
+        let probed: BTreeSet<&String> = results.iter().map(|(n, _)| n).collect();
+        let gone: Vec<String> = states
+            .keys()
+            .filter(|n| !probed.contains(n))
+            .cloned()
+            .collect();
+        let mut agg_updates: Vec<(String, Option<ProbeState>)> = Vec::new();
+        for name in gone {
+            states.remove(&name);
+            agg_updates.push((name, None));
+        }
+        for (name, r) in results {
+            let st = states.entry(name.clone()).or_default();
+            match st.record(r, &config.rule) {
+                Some(Turn::Down) => tracing::warn!(endpoint = %name, reason = %st.last_error,
+                    failures = st.failures, "endpoint down: its probes fail"),
+                Some(Turn::Up) => {
+                    tracing::info!(endpoint = %name, "endpoint probes pass again")
+                }
+                None => {}
+            }
+            agg_updates.push((name, Some(st.clone())));
+        }
+        let mut agg = aggregator.lock();
+        for (name, st) in agg_updates {
+            agg.set_probe(&name, st);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str, health_path: Option<&str>) -> Endpoint {
+        let src = format!(
+            "default_class: standard\nendpoints:\n  - name: e\n    url: {url}\n    tier: onprem\n    models: [m]\n    price: {{ input_per_mtok: 1, output_per_mtok: 1 }}\n{}classes:\n  - name: standard\n",
+            health_path.map_or(String::new(), |p| format!("    health_path: {p}\n"))
+        );
+        switchyard_policy::Policy::parse(&src)
+            .unwrap()
+            .endpoints
+            .remove(0)
+    }
+
+    #[test]
+    fn probes_go_to_the_models_list_or_the_health_path_under_the_url() {
+        assert_eq!(
+            probe_url(&endpoint("http://10.0.0.1:8000", None)),
+            Ok("http://10.0.0.1:8000/v1/models".into())
+        );
+        assert_eq!(
+            probe_url(&endpoint("http://h/openai/", Some("/health"))),
+            Ok("http://h/openai/health".into())
+        );
+        assert!(probe_url(&endpoint("https://api.example.com", None)).is_err());
+    }
+
+    #[test]
+    fn credentials_resolve_here_and_errors_never_hold_the_key() {
+        let dir = std::env::temp_dir().join(format!("switchyard-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, "sk-probe-secret\n").unwrap();
+        let h = credential(&format!("file:{}", path.display())).unwrap();
+        assert_eq!(h.to_str().unwrap(), "Bearer sk-probe-secret");
+        assert!(h.is_sensitive());
+        assert!(!format!("{h:?}").contains("sk-probe"));
+        let missing = credential("env:SWITCHYARD_PROBE_TEST_UNSET_VAR").unwrap_err();
+        assert_eq!(
+            missing,
+            CredentialError::EnvMissing("SWITCHYARD_PROBE_TEST_UNSET_VAR".into())
+        );
+        let pasted = credential("sk-live-pasted").unwrap_err();
+        assert!(!pasted.to_string().contains("sk-live"), "{pasted}");
+        std::fs::write(&path, "  \n").unwrap();
+        assert_eq!(
+            credential(&format!("file:{}", path.display())),
+            Err(CredentialError::Empty)
+        );
+    }
+}
