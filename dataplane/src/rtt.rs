@@ -162,6 +162,7 @@ mod tests {
             price_cached_input_per_mtok: None,
             credential: String::new(),
             over_budget: false,
+            model_ids: Default::default(),
         };
         let t = pb::RoutingTable {
             version: 7,

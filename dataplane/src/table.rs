@@ -582,6 +582,7 @@ mod tests {
             price_cached_input_per_mtok: None,
             credential: String::new(),
             over_budget: false,
+            model_ids: Default::default(),
         }
     }
 
@@ -718,6 +719,29 @@ mod tests {
         t.endpoints[0].price_cached_input_per_mtok = Some(-0.5);
         let e = compile(&t).unwrap_err();
         assert!(e.to_string().contains("invalid price -0.5"), "{e}");
+    }
+
+    #[test]
+    fn model_ids_map_only_models_the_endpoint_serves() {
+        let mut t = table();
+        let m = t.endpoints[0].models[0].clone();
+        t.endpoints[0]
+            .model_ids
+            .insert(m.clone(), "org/model-70b".into());
+        let c = compile(&t).unwrap();
+        assert_eq!(c.endpoints[0].model_id(&m), Some("org/model-70b"));
+        assert_eq!(c.endpoints[1].model_id(&m), None);
+
+        t.endpoints[0]
+            .model_ids
+            .insert("unserved".into(), "x".into());
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(e.contains("does not serve"), "{e}");
+
+        let mut t = table();
+        t.endpoints[0].model_ids.insert(m, " ".into());
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(e.contains("empty id"), "{e}");
     }
 
     #[test]

@@ -385,6 +385,7 @@ mod tests {
             prices: Default::default(),
             authorization: auth.map(|a| http::HeaderValue::from_str(a).unwrap()),
             capacity: 0,
+            model_ids: Vec::new(),
             over_spend_budget: false,
             state: crate::health::Endpoints::default().get("gpu"),
             ejections: crate::metrics::Metrics::new().ejections(&name),
