@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use reqwest::header::HeaderValue;
+use switchyard_policy::credential::KeyError;
 use switchyard_policy::{CredentialRef, Endpoint};
 use tokio::sync::watch;
 
@@ -45,12 +46,8 @@ pub struct ProbeConfig {
 pub enum CredentialError {
     #[error("the credential reference is invalid: {0}")]
     Invalid(String),
-    #[error("env:{0} is not set in the control plane's environment")]
-    EnvMissing(String),
-    #[error("file:{path} cannot be read here: {reason}")]
-    File { path: String, reason: String },
-    #[error("the credential is empty")]
-    Empty,
+    #[error("{0} in the control plane's environment")]
+    Key(KeyError),
     #[error("the credential holds characters a header cannot carry")]
     NotAHeader,
 }
@@ -58,21 +55,10 @@ pub enum CredentialError {
 /// The `Authorization` header for an endpoint's credential reference, as a
 /// sensitive header value (never printed by `Debug`).
 pub fn credential(reference: &str) -> Result<HeaderValue, CredentialError> {
-    let key = match CredentialRef::parse(reference).map_err(CredentialError::Invalid)? {
-        CredentialRef::Env(name) => {
-            std::env::var(name).map_err(|_| CredentialError::EnvMissing(name.to_string()))?
-        }
-        CredentialRef::File(path) => {
-            std::fs::read_to_string(path).map_err(|e| CredentialError::File {
-                path: path.to_string(),
-                reason: e.kind().to_string(),
-            })?
-        }
-    };
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(CredentialError::Empty);
-    }
+    let key = CredentialRef::parse(reference)
+        .map_err(CredentialError::Invalid)?
+        .read_key()
+        .map_err(CredentialError::Key)?;
     let mut value =
         HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| CredentialError::NotAHeader)?;
     value.set_sensitive(true);
@@ -275,14 +261,16 @@ mod tests {
         let missing = credential("env:SWITCHYARD_PROBE_TEST_UNSET_VAR").unwrap_err();
         assert_eq!(
             missing,
-            CredentialError::EnvMissing("SWITCHYARD_PROBE_TEST_UNSET_VAR".into())
+            CredentialError::Key(KeyError::EnvMissing(
+                "SWITCHYARD_PROBE_TEST_UNSET_VAR".into()
+            ))
         );
         let pasted = credential("sk-live-pasted").unwrap_err();
         assert!(!pasted.to_string().contains("sk-live"), "{pasted}");
         std::fs::write(&path, "  \n").unwrap();
         assert_eq!(
             credential(&format!("file:{}", path.display())),
-            Err(CredentialError::Empty)
+            Err(CredentialError::Key(KeyError::Empty))
         );
     }
 }

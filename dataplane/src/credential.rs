@@ -5,18 +5,15 @@
 //! here ever prints.
 
 use http::HeaderValue;
+use switchyard_policy::credential::KeyError;
 use switchyard_policy::CredentialRef;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialError {
     #[error("credential {reference:?}: {reason}")]
     Invalid { reference: String, reason: String },
-    #[error("credential env:{0} is not set in the sidecar's environment")]
-    EnvMissing(String),
-    #[error("credential file:{path} cannot be read: {reason}")]
-    File { path: String, reason: String },
-    #[error("credential {0:?} is empty")]
-    Empty(String),
+    #[error("credential {0} in the sidecar's environment")]
+    Key(KeyError),
     #[error("credential {0:?} holds characters a header cannot carry")]
     NotAHeader(String),
 }
@@ -33,21 +30,7 @@ pub fn resolve(reference: &str) -> Result<Option<HeaderValue>, CredentialError> 
         reference: format!("<{} characters>", reference.len()),
         reason,
     })?;
-    let key = match parsed {
-        CredentialRef::Env(name) => {
-            std::env::var(name).map_err(|_| CredentialError::EnvMissing(name.to_string()))?
-        }
-        CredentialRef::File(path) => {
-            std::fs::read_to_string(path).map_err(|e| CredentialError::File {
-                path: path.to_string(),
-                reason: e.kind().to_string(),
-            })?
-        }
-    };
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(CredentialError::Empty(reference.to_string()));
-    }
+    let key = parsed.read_key().map_err(CredentialError::Key)?;
     let mut value = HeaderValue::try_from(format!("Bearer {key}"))
         .map_err(|_| CredentialError::NotAHeader(reference.to_string()))?;
     value.set_sensitive(true);
@@ -89,14 +72,16 @@ mod tests {
     fn what_cannot_be_resolved_is_named_by_reference_only() {
         assert_eq!(
             resolve("env:SWITCHYARD_SURELY_UNSET_VARIABLE").unwrap_err(),
-            CredentialError::EnvMissing("SWITCHYARD_SURELY_UNSET_VARIABLE".into())
+            CredentialError::Key(KeyError::EnvMissing(
+                "SWITCHYARD_SURELY_UNSET_VARIABLE".into()
+            ))
         );
         let e = resolve("file:/nonexistent/switchyard/key").unwrap_err();
         assert!(e.to_string().contains("/nonexistent/switchyard/key"), "{e}");
         let empty = secret_file("empty", " \n");
         assert!(matches!(
             resolve(&format!("file:{empty}")),
-            Err(CredentialError::Empty(_))
+            Err(CredentialError::Key(KeyError::Empty))
         ));
         let broken = secret_file("broken", "sk-a\nsk-b");
         let e = resolve(&format!("file:{broken}")).unwrap_err();

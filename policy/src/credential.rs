@@ -2,10 +2,11 @@
 //! provider key lives, in the sidecar's environment, never the key.
 //!
 //! One definition for both sides: the control plane checks references with
-//! it when it loads the policy, the sidecar resolves them with it
-//! (`switchyard_dataplane::credential`). Errors never repeat the text they
-//! refuse: a key pasted where the reference belongs (`env:sk-...`) must not
-//! reach a log.
+//! it when it loads the policy, and the sidecar (for requests) and the
+//! control plane (for its health probes) read keys with
+//! [`CredentialRef::read_key`], the crate's one piece of I/O. Errors never
+//! repeat the text they refuse or the key they read: a key pasted where the
+//! reference belongs (`env:sk-...`) must not reach a log.
 
 /// Where an endpoint's provider key is found, in the sidecar's environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +47,48 @@ impl<'a> CredentialRef<'a> {
         }
         Err("must be `env:NAME` or `file:/path`: a reference to the key, never the key".into())
     }
+
+    /// The key, read from this process's environment or the file, without
+    /// surrounding whitespace.
+    pub fn read_key(&self) -> Result<String, KeyError> {
+        let key = match self {
+            CredentialRef::Env(name) => {
+                std::env::var(name).map_err(|_| KeyError::EnvMissing(name.to_string()))?
+            }
+            CredentialRef::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| KeyError::File {
+                    path: path.to_string(),
+                    reason: e.kind().to_string(),
+                })?
+            }
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(key.to_string())
+    }
 }
+
+/// Why a reference gives no key here. Never holds the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    EnvMissing(String),
+    File { path: String, reason: String },
+    Empty,
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::EnvMissing(name) => write!(f, "env:{name} is not set"),
+            KeyError::File { path, reason } => write!(f, "file:{path} cannot be read: {reason}"),
+            KeyError::Empty => f.write_str("the key is empty"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
 
 #[cfg(test)]
 mod tests {

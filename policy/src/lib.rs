@@ -3,7 +3,8 @@
 //!
 //! One entry point, [`Policy::parse`], takes any text and returns either a
 //! valid policy or a [`PolicyError`]; it never panics, so a fuzzer can call
-//! it on anything. The crate has no I/O and no gRPC, database or runtime
+//! it on anything. The crate has no I/O (but for reading a provider key,
+//! `CredentialRef::read_key`, when a caller asks) and no gRPC, database or runtime
 //! dependency: the control plane, a standalone sidecar or a fuzz target
 //! can all use it cheaply.
 #![forbid(unsafe_code)]
