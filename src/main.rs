@@ -145,6 +145,22 @@ enum Command {
         /// below it) are measured.
         #[arg(long)]
         rtt_cgroup: Option<PathBuf>,
+        /// On SIGTERM, how long requests and streams in flight may take to
+        /// finish, in milliseconds; the sidecar stops accepting at once and
+        /// exits 0 as soon as none is left, or when this is over.
+        #[arg(long, default_value_t = 30_000)]
+        grace_ms: u64,
+        /// Take over the listening socket of the sidecar running on the same
+        /// --listen (a graceful upgrade): once --upgrade-sock exists, send
+        /// the old one SIGQUIT; it hands the socket over, keeps serving
+        /// for 5 s, then drains as on SIGTERM.
+        #[arg(long)]
+        upgrade: bool,
+        /// Unix socket the listening socket is handed over on; old and new
+        /// sidecar must be given the same. Default: one per --listen
+        /// address in the temporary directory.
+        #[arg(long)]
+        upgrade_sock: Option<PathBuf>,
     },
     /// Run an OpenAI-compatible fake provider.
     Mock(MockArgs),
@@ -253,8 +269,12 @@ fn main() -> anyhow::Result<()> {
             eject_failure_rate,
             rtt_source,
             rtt_cgroup,
+            grace_ms,
+            upgrade,
+            upgrade_sock,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
+            let upgrade_sock = upgrade_sock.unwrap_or_else(|| default_upgrade_sock(&listen));
             let base = Duration::from_millis(eject_ms);
             let source = match (control, policy) {
                 (Some(address), _) => TableSource::Control {
@@ -284,6 +304,9 @@ fn main() -> anyhow::Result<()> {
                 },
                 rtt_mode: rtt_source,
                 rtt_cgroup,
+                grace: Duration::from_millis(grace_ms),
+                upgrade,
+                upgrade_sock,
             };
             switchyard_dataplane::run(config, source)?;
             Ok(())
@@ -366,6 +389,22 @@ fn default_id() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "sidecar".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// The sidecar's upgrade socket when none is named: one per listen
+/// address, so sidecars of several apps on one host do not meet there.
+fn default_upgrade_sock(listen: &str) -> PathBuf {
+    let name: String = listen
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    std::env::temp_dir().join(format!("switchyard-sidecar-{name}.sock"))
 }
 
 /// The one line on stdout that tells a parent process where we listen.

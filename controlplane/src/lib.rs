@@ -102,10 +102,13 @@ pub async fn run(
             "endpoint probes are off: only the sidecars' reports say whether an endpoint is down"
         ),
     }
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let stopping_rx = stopping.clone();
     let state = services::State {
         tables,
         registry: Arc::new(registry::Registry::default()),
         signals: aggregator,
+        stopping,
     };
     let admin = admin::Admin {
         state: state.clone(),
@@ -115,12 +118,15 @@ pub async fn run(
         interval,
     };
     // Watch and telemetry streams never end on their own, so a graceful
-    // shutdown would wait for them forever: after the signal, in-flight
-    // calls get a grace period and the streams are then cut (sidecars
-    // reconnect to whoever serves next).
+    // shutdown would wait for them forever: on the signal they end cleanly
+    // (`stopping`), so sidecars reconnect at once to whoever serves next,
+    // and the server stops accepting. Calls still running after a grace
+    // period are then cut.
     let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        tracing::info!("shutting down: ending the sidecars' streams");
+        let _ = stopping_tx.send(true);
         let _ = signalled_tx.send(());
     };
     let mut builder = tonic::transport::Server::builder();
@@ -142,7 +148,7 @@ pub async fn run(
             services::Telemetry(state),
         ))
         .add_service(pb::admin_server::AdminServer::new(admin))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(until_stopping(listener, stopping_rx), shutdown);
     tokio::select! {
         served = serve => served?,
         () = async {
@@ -154,4 +160,26 @@ pub async fn run(
         } => tracing::info!("shutdown grace over; closing the streams still open"),
     }
     Ok(())
+}
+
+/// The listener's connections, until the control plane stops: then the
+/// stream ends and the listener closes at once, so a sidecar reconnecting
+/// is refused and tries again (reaching the successor) rather than waiting
+/// in a backlog nobody accepts from while this process finishes.
+fn until_stopping(
+    listener: TcpListener,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    let mut inner = Some(TcpListenerStream::new(listener));
+    let mut stop = Box::pin(services::stopped(stopping));
+    futures::stream::poll_fn(move |cx| {
+        if inner.is_some() && stop.as_mut().poll(cx).is_ready() {
+            inner = None;
+        }
+        match inner.as_mut() {
+            Some(s) => s.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    })
 }

@@ -1,6 +1,11 @@
 //! The gRPC services sidecars call: table discovery (the Watch stream) and
 //! telemetry intake. Stream semantics are those written in the `.proto`
 //! files. The operators' service is in `admin`.
+//!
+//! Both streams end cleanly (end of stream, status OK) when the control
+//! plane shuts down, so a sidecar can tell "this one is going away" from a
+//! broken connection and reconnect at once, to its successor or another
+//! replica, instead of backing off.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +27,14 @@ pub struct State {
     pub tables: watch::Receiver<Arc<Published>>,
     pub registry: Arc<Registry>,
     pub signals: Arc<Mutex<Aggregator>>,
+    /// Turns true when the control plane shuts down.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Resolves once the control plane shuts down (or its state is gone).
+pub(crate) async fn stopped(mut stopping: watch::Receiver<bool>) {
+    // An error means the sender is gone: the server is being torn down.
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 pub struct Discovery(pub State);
@@ -52,12 +65,19 @@ impl pb::routing_discovery_server::RoutingDiscovery for Discovery {
         let registry = self.0.registry.clone();
         registry.stream_opened(&id);
         let mut tables = self.0.tables.clone();
+        let stop = stopped(self.0.stopping.clone());
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            tokio::pin!(stop);
             let first = tables.borrow_and_update().update.clone();
             if tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
+                        // Dropping `tx` ends the stream with status OK.
+                        () = &mut stop => {
+                            tracing::info!(sidecar = %id, "shutting down: closing the Watch stream");
+                            break;
+                        }
                         changed = tables.changed() => {
                             if changed.is_err() {
                                 break;
@@ -101,7 +121,17 @@ impl pb::telemetry_server::Telemetry for Telemetry {
     ) -> Result<Response<pb::ReportSummary>, Status> {
         let mut inbound = req.into_inner();
         let mut reports = 0;
-        while let Some(r) = inbound.message().await? {
+        let stop = stopped(self.0.stopping.clone());
+        tokio::pin!(stop);
+        loop {
+            let r = tokio::select! {
+                // Answering ends the call cleanly; the sidecar opens a new one.
+                () = &mut stop => break,
+                r = inbound.message() => match r? {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
             self.0.registry.report(&r);
             self.0.signals.lock().ingest(&r, now_ms());
             reports += 1;

@@ -285,27 +285,45 @@ impl ControlClient {
     async fn watch_loop(&self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let err = self.watch_once(&mut backoff).await;
-            let delay = backoff.next(fastrand::f64());
-            match self.tables().load().as_ref().map(|t| t.version) {
-                Some(version) => {
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                    routing_on = version, "control plane unavailable; routing on the last good table")
+            let ended = self.watch_stream(&mut backoff).await;
+            let version = self.tables().load().as_ref().map(|t| t.version);
+            let delay = match ended {
+                Ok(()) => {
+                    // The control plane ended the stream itself: it is
+                    // shutting down, and its successor or another replica
+                    // may answer already. Start over from the shortest
+                    // delay (never none, so a control plane that keeps
+                    // closing at once is not called in a loop).
+                    backoff.reset();
+                    let delay = backoff.next(fastrand::f64());
+                    tracing::info!(
+                        retry_in_ms = delay.as_millis() as u64,
+                        routing_on = version.unwrap_or(0),
+                        "the control plane closed the Watch stream; reconnecting"
+                    );
+                    delay
                 }
-                None => tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                    "control plane unavailable and no table yet; requests get 503 not_ready"),
-            }
+                Err(err) => {
+                    let delay = backoff.next(fastrand::f64());
+                    match version {
+                        Some(version) => {
+                            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                            routing_on = version, "control plane unavailable; routing on the last good table")
+                        }
+                        None => {
+                            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                            "control plane unavailable and no table yet; requests get 503 not_ready")
+                        }
+                    }
+                    delay
+                }
+            };
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn watch_once(&self, backoff: &mut Backoff) -> StreamError {
-        match self.watch_stream(backoff).await {
-            Ok(()) => StreamError::Closed,
-            Err(e) => e,
-        }
-    }
-
+    /// One Watch stream, until it ends: `Ok` when the control plane ended it
+    /// cleanly (end of stream, status OK), an error when it broke.
     async fn watch_stream(&self, backoff: &mut Backoff) -> Result<(), StreamError> {
         let channel: Channel = self.endpoint()?.connect().await?;
         let mut client = pb::routing_discovery_client::RoutingDiscoveryClient::new(channel);
@@ -355,13 +373,18 @@ impl ControlClient {
     async fn report_loop(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            if let Err(e) = self.report_stream(&mut backoff).await {
-                tracing::debug!(error = %e, "telemetry stream ended");
+            match self.report_stream(&mut backoff).await {
+                // The control plane answered, ending the call: it is
+                // shutting down; report to whoever serves next promptly.
+                Ok(()) => backoff.reset(),
+                Err(e) => tracing::debug!(error = %e, "telemetry stream ended"),
             }
             tokio::time::sleep(backoff.next(fastrand::f64())).await;
         }
     }
 
+    /// One telemetry call, until it ends: `Ok` when the control plane
+    /// answered it (it does when it shuts down), an error when it broke.
     async fn report_stream(&self, backoff: &mut Backoff) -> Result<(), StreamError> {
         let channel: Channel = self.endpoint()?.connect().await?;
         let mut client = pb::telemetry_client::TelemetryClient::new(channel);
@@ -387,7 +410,8 @@ impl ControlClient {
             backoff.reset();
         }
         match call.await {
-            Ok(Ok(_)) | Err(_) => Err(StreamError::Closed),
+            Ok(Ok(_)) => Ok(()),
+            Err(_) => Err(StreamError::Closed),
             Ok(Err(status)) => Err(status.into()),
         }
     }

@@ -12,12 +12,14 @@
 //! streams), `usage` (telemetry windows), `metrics` (`/metrics`),
 //! `credential` (provider keys), `rtt` (kernel RTT per endpoint), `persist`
 //! (the saved table a restart serves from), `origin` (where the table in
-//! force came from, and whether its weights still hold).
+//! force came from, and whether its weights still hold), `drain` (graceful
+//! exit on SIGTERM and after a socket handoff).
 #![forbid(unsafe_code)]
 
 pub mod balance;
 pub mod control;
 pub mod credential;
+pub mod drain;
 pub mod health;
 pub mod metrics;
 pub mod origin;
@@ -33,12 +35,14 @@ pub mod shed;
 pub mod table;
 pub mod usage;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use pingora::connectors::ConnectorOptions;
 use pingora::connectors::TransportConnector;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
 #[derive(Debug, Clone)]
@@ -62,7 +66,22 @@ pub struct SidecarConfig {
     /// cgroup v2 directory the eBPF program attaches to; `None`: the
     /// sidecar's own.
     pub rtt_cgroup: Option<std::path::PathBuf>,
+    /// How long requests and streams in flight may take to finish once the
+    /// process was told to go (SIGTERM, or SIGQUIT after a handoff).
+    pub grace: Duration,
+    /// Take the listening socket from the running sidecar instead of
+    /// binding it (a graceful upgrade).
+    pub upgrade: bool,
+    /// The unix socket listening sockets are handed over on: the new
+    /// sidecar listens there, the old one sends to it on SIGQUIT.
+    pub upgrade_sock: PathBuf,
 }
+
+/// How long an upgrading sidecar waits for its first table before it takes
+/// the socket anyway: without a table it could only answer 503.
+const UPGRADE_TABLE_WAIT: Duration = Duration::from_secs(10);
+/// Longest path a unix socket address holds (`sun_path`, NUL included).
+const SUN_PATH_MAX: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -72,6 +91,8 @@ pub enum SidecarError {
     Server(Box<pingora::Error>),
     #[error("RTT source: {0}")]
     Rtt(#[from] switchyard_rtt::RttError),
+    #[error("upgrade socket {path}: {reason}")]
+    UpgradeSock { path: PathBuf, reason: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -79,19 +100,39 @@ pub enum SidecarError {
     },
 }
 
-/// Runs the sidecar until a signal ends the process: SIGTERM drains, SIGINT
-/// stops at once. Never returns on success.
+/// Runs the sidecar until a signal ends the process: SIGTERM drains (stops
+/// accepting, lets requests in flight finish within `grace`, exits 0),
+/// SIGQUIT hands the listening socket to a new sidecar started with
+/// `upgrade` and then drains, SIGINT stops at once. Never returns on success.
 pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), SidecarError> {
-    // pingora retries a taken port for 30 s, then panics in its service
-    // thread and leaves the process up with nothing listening; a sidecar
-    // that cannot take its port must say so and exit at once instead.
-    // (std sets SO_REUSEADDR, as pingora does, so TIME_WAIT is no obstacle.)
-    drop(
-        std::net::TcpListener::bind(&config.listen).map_err(|source| SidecarError::Listen {
-            addr: config.listen.clone(),
-            source,
-        })?,
-    );
+    let upgrade_sock = check_upgrade_sock(&config.upgrade_sock)?;
+    if config.upgrade {
+        // Its appearance tells the operator this sidecar is ready to take
+        // the socket; a stale one from a crashed upgrade would say so early.
+        match std::fs::remove_file(&config.upgrade_sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SidecarError::UpgradeSock {
+                    path: config.upgrade_sock.clone(),
+                    reason: format!("cannot remove a stale one: {e}"),
+                })
+            }
+        }
+    } else {
+        // pingora retries a taken port for 30 s, then panics in its service
+        // thread and leaves the process up with nothing listening; a sidecar
+        // that cannot take its port must say so and exit at once instead.
+        // (std sets SO_REUSEADDR, as pingora does, so TIME_WAIT is no
+        // obstacle.) An upgrading sidecar skips this: the port is taken, by
+        // the sidecar it receives the socket from.
+        drop(
+            std::net::TcpListener::bind(&config.listen).map_err(|source| SidecarError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?,
+        );
+    }
     let tables = Arc::new(ArcSwapOption::<table::Table>::empty());
     let live = Arc::new(table::Live::default());
     // Before anything listens, so `--rtt-source ebpf` that cannot load
@@ -140,11 +181,26 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
         // no request wakes another thread (with work stealing, each one
         // cost a futex wake and a context switch).
         work_stealing: false,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(5),
+        // pingora sleeps this whole period after SIGTERM before it drops
+        // what is still running; `drain` exits as soon as nothing is in
+        // flight, or at `grace`, so this is only a backstop past it.
+        grace_period_seconds: Some(config.grace.as_secs().saturating_add(2)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock,
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: config.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    drain::spawn(server.watch_execution_phase(), config.grace)?;
+    if config.upgrade {
+        wait_for_table(&tables, UPGRADE_TABLE_WAIT);
+        tracing::info!(sock = %config.upgrade_sock.display(), "waiting for the listening socket: SIGQUIT the old sidecar");
+    }
+    // With `upgrade`, this waits (about 6 s at most) for the old sidecar
+    // to send its listening socket, and exits 1 if none comes.
     server.bootstrap();
     let connections = pool::Connections::new(TransportConnector::new(Some(
         ConnectorOptions::from_server_conf(&server.configuration),
@@ -166,4 +222,40 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
     server.add_service(service);
     tracing::info!(listen = %config.listen, tables_from = %from, "sidecar starting");
     server.run_forever()
+}
+
+/// The upgrade socket's path as pingora takes it, refused here when pingora
+/// would panic on it (it unwraps the bind of a path it cannot use).
+fn check_upgrade_sock(path: &std::path::Path) -> Result<String, SidecarError> {
+    let refuse = |reason: &str| SidecarError::UpgradeSock {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let text = path.to_str().ok_or_else(|| refuse("not UTF-8"))?;
+    if text.len() > SUN_PATH_MAX {
+        return Err(refuse("longer than a unix socket path may be (107 bytes)"));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(refuse("its directory does not exist"));
+    }
+    Ok(text.to_string())
+}
+
+/// Waits until the control plane client applied a table, at most `within`.
+fn wait_for_table(tables: &ArcSwapOption<table::Table>, within: Duration) {
+    let end = Instant::now() + within;
+    while tables.load().is_none() {
+        if Instant::now() >= end {
+            tracing::warn!(
+                waited_ms = within.as_millis() as u64,
+                "no routing table yet; taking the socket anyway"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

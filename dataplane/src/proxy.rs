@@ -41,6 +41,9 @@ pub struct RequestCtx {
     pub degraded: Option<&'static str>,
     pub attempts: u8,
     pub status: u16,
+    /// Keeps the request counted until its context is dropped, which is
+    /// after the answer was written: a draining sidecar waits for it.
+    pub in_flight: crate::drain::InFlight,
 }
 
 #[async_trait]
@@ -56,6 +59,7 @@ impl ProxyHttp for Sidecar {
             degraded: None,
             attempts: 0,
             status: 0,
+            in_flight: crate::drain::InFlight::enter(),
         }
     }
 

@@ -32,6 +32,7 @@ pub async fn respond(
     if let Some(d) = ctx.degraded {
         h.insert_header("x-switchyard-degraded", d)?;
     }
+    crate::drain::close_if_draining(session);
     if session.req_header().method == http::Method::HEAD {
         return session.write_response_header(Box::new(h), true).await;
     }

@@ -221,6 +221,7 @@ pub async fn relay(
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")
                 .map_err(Stop::Abort)?;
         }
+        crate::drain::close_if_draining(session);
         let left = how.deadline.saturating_duration_since(Instant::now());
         match fast_timeout(left, session.write_response_header(Box::new(resp), false)).await {
             Ok(Ok(())) => {}
