@@ -114,8 +114,8 @@ impl Applier {
     ) -> Result<(), table::TableError> {
         let addrs = table::resolve(t).await?;
         let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
-        self.tables.store(Some(Arc::new(compiled)));
-        self.live.origin.set_source(source);
+        // Saved before it is swapped in, so whatever says a table came from
+        // the control plane (`/readyz`, the ACK) also says it is on disk.
         if source == Source::Control {
             if let Some(path) = &self.save_to {
                 // Applied either way: a disk that refuses the file costs the
@@ -130,6 +130,8 @@ impl Applier {
                 }
             }
         }
+        self.tables.store(Some(Arc::new(compiled)));
+        self.live.origin.set_source(source);
         Ok(())
     }
 

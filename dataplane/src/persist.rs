@@ -116,7 +116,9 @@ pub fn file_for(dir: &Path, listen: &str) -> PathBuf {
 pub fn save(path: &Path, table: &pb::RoutingTable) -> Result<(), PersistError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = path.with_extension("table.tmp");
+    // Per process: during a socket handoff two sidecars on one address
+    // save at once, and must not write into each other's temporary file.
+    let tmp = path.with_extension(format!("table.tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(&encode(table)).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -215,7 +217,9 @@ mod tests {
         save(&path, &table(2)).unwrap();
         let (t, _) = load(&path).unwrap().unwrap();
         assert_eq!(t.version, 2);
-        assert!(!path.with_extension("table.tmp").exists());
+        assert!(!path
+            .with_extension(format!("table.tmp.{}", std::process::id()))
+            .exists());
         touch(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
