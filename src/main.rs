@@ -148,7 +148,7 @@ enum Command {
         /// On SIGTERM, how long requests and streams in flight may take to
         /// finish, in milliseconds; the sidecar stops accepting at once and
         /// exits 0 as soon as none is left, or when this is over.
-        #[arg(long, default_value_t = 30_000)]
+        #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
         grace_ms: u64,
         /// Take over the listening socket of the sidecar running on the same
         /// --listen (a graceful upgrade): once --upgrade-sock exists, send
@@ -158,7 +158,7 @@ enum Command {
         upgrade: bool,
         /// Unix socket the listening socket is handed over on; old and new
         /// sidecar must be given the same. Default: one per --listen
-        /// address in the temporary directory.
+        /// address in --state-dir (created private to the user).
         #[arg(long)]
         upgrade_sock: Option<PathBuf>,
     },
@@ -274,7 +274,10 @@ fn main() -> anyhow::Result<()> {
             upgrade_sock,
         } => {
             let sidecar_id = id.unwrap_or_else(default_id);
-            let upgrade_sock = upgrade_sock.unwrap_or_else(|| default_upgrade_sock(&listen));
+            let upgrade_sock = match upgrade_sock {
+                Some(sock) => sock,
+                None => default_upgrade_sock(&state_dir, &listen)?,
+            };
             let base = Duration::from_millis(eject_ms);
             let source = match (control, policy) {
                 (Some(address), _) => TableSource::Control {
@@ -392,8 +395,19 @@ fn default_id() -> String {
 }
 
 /// The sidecar's upgrade socket when none is named: one per listen
-/// address, so sidecars of several apps on one host do not meet there.
-fn default_upgrade_sock(listen: &str) -> PathBuf {
+/// address, so sidecars of several apps on one host do not meet there, in
+/// its state directory (created private), not a world-writable one where
+/// another user could take the name first and be handed the listening
+/// socket.
+fn default_upgrade_sock(state_dir: &std::path::Path, listen: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !state_dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| format!("creating the state directory {state_dir:?}"))?;
+    }
     let name: String = listen
         .chars()
         .map(|c| {
@@ -404,7 +418,7 @@ fn default_upgrade_sock(listen: &str) -> PathBuf {
             }
         })
         .collect();
-    std::env::temp_dir().join(format!("switchyard-sidecar-{name}.sock"))
+    Ok(state_dir.join(format!("sidecar-{name}.upgrade.sock")))
 }
 
 /// The one line on stdout that tells a parent process where we listen.

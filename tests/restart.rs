@@ -446,6 +446,20 @@ async fn a_control_plane_restarted_on_sigterm_is_back_in_the_sidecars_hands_at_o
         },
     )
     .await;
+    // "At once": the clean close resets the backoff to its first step
+    // (50–100 ms), where a broken stream would wait up to 5 s.
+    let log = strip_ansi(&stack.sidecar.log_text());
+    let line = log
+        .lines()
+        .find(|l| l.contains("the control plane closed the Watch stream"))
+        .expect("the clean close is logged");
+    let retry_ms: u64 = line
+        .split("retry_in_ms=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no retry_in_ms in {line:?}"));
+    assert!(retry_ms <= 100, "{line}");
     // The sidecar keeps routing on its table meanwhile.
     assert_eq!(ready_version(&stack.http, addr).await, Some(first));
     let (status_code, _, body) = stack.chat(false).await;
@@ -468,4 +482,23 @@ async fn a_control_plane_restarted_on_sigterm_is_back_in_the_sidecars_hands_at_o
     .await;
     let acked = stack.wait_acked_above(first).await;
     assert!(acked > first);
+}
+
+/// A log without its terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... letter
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

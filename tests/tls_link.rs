@@ -65,12 +65,18 @@ async fn refused(dir: &Path, name: &str, control: SocketAddr, tls: &[&str], reas
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .expect("the sidecar answers");
-    assert_eq!(r.status(), 503, "{name} got a table it should not have");
+    // The control thread may log before the proxy listens: wait for it.
+    let status = loop {
+        match http.get(format!("http://{addr}/readyz")).send().await {
+            Ok(r) => break r.status(),
+            Err(e) => assert!(
+                Instant::now() < end && !p.exited(),
+                "{name}: no /readyz: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{name} got a table it should not have");
     p.kill().await.unwrap();
 }
 

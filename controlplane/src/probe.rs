@@ -99,11 +99,25 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     }
 }
 
-/// One probe: passes on any 2xx answer.
+/// What an answer to a probe says. Any 2xx passes. So does 401 or 403
+/// when the endpoint's key could not be read here and the probe went
+/// without it: keys usually live beside the sidecars only, and a server
+/// that answers "who are you?" is up; judging it down would take a healthy
+/// endpoint away from every sidecar. Pure.
+pub fn judge_answer(status: u16, key_withheld: bool) -> Result<(), String> {
+    match status {
+        200..=299 => Ok(()),
+        401 | 403 if key_withheld => Ok(()),
+        s => Err(format!("HTTP {s}")),
+    }
+}
+
+/// One probe.
 async fn probe(
     client: &reqwest::Client,
     url: &str,
     auth: Option<HeaderValue>,
+    key_withheld: bool,
     timeout: Duration,
 ) -> Result<(), String> {
     let mut req = client.get(url);
@@ -111,12 +125,7 @@ async fn probe(
         req = req.header(reqwest::header::AUTHORIZATION, a);
     }
     let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
-    let status = resp.status();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("HTTP {}", status.as_u16()))
-    }
+    judge_answer(resp.status().as_u16(), key_withheld)
 }
 
 /// Probes every endpoint of the policy in force each `config.every`, until
@@ -164,32 +173,33 @@ pub async fn run(
                     continue;
                 }
             };
-            let auth = match e.credential.as_deref().map(credential) {
-                None => None,
+            let (auth, withheld) = match e.credential.as_deref().map(credential) {
+                None => (None, false),
                 Some(Ok(h)) => {
                     no_credential.remove(&e.name);
-                    Some(h)
+                    (Some(h), false)
                 }
                 Some(Err(why)) => {
                     let why = why.to_string();
                     if no_credential.get(&e.name) != Some(&why) {
                         tracing::warn!(endpoint = %e.name, reason = %why,
-                            "probing without the endpoint's credential");
+                            "probing without the endpoint's credential; a 401 or 403 then counts as up");
                         no_credential.insert(e.name.clone(), why);
                     }
-                    None
+                    (None, true)
                 }
             };
-            targets.push((e.name.clone(), url, auth));
+            targets.push((e.name.clone(), url, auth, withheld));
         }
-        let results = futures::future::join_all(targets.into_iter().map(|(name, url, auth)| {
-            let client = client.clone();
-            async move {
-                let r = probe(&client, &url, auth, timeout).await;
-                (name, r)
-            }
-        }))
-        .await;
+        let results =
+            futures::future::join_all(targets.into_iter().map(|(name, url, auth, withheld)| {
+                let client = client.clone();
+                async move {
+                    let r = probe(&client, &url, auth, withheld, timeout).await;
+                    (name, r)
+                }
+            }))
+            .await;
         let probed: BTreeSet<&String> = results.iter().map(|(n, _)| n).collect();
         let gone: Vec<String> = states
             .keys()
@@ -223,6 +233,17 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_passes_when_2xx_or_refused_for_a_key_withheld() {
+        assert_eq!(judge_answer(200, false), Ok(()));
+        assert_eq!(judge_answer(204, true), Ok(()));
+        assert_eq!(judge_answer(401, true), Ok(()));
+        assert_eq!(judge_answer(403, true), Ok(()));
+        assert_eq!(judge_answer(401, false), Err("HTTP 401".into()));
+        assert_eq!(judge_answer(404, true), Err("HTTP 404".into()));
+        assert_eq!(judge_answer(503, false), Err("HTTP 503".into()));
+    }
 
     fn endpoint(url: &str, health_path: Option<&str>) -> Endpoint {
         let src = format!(

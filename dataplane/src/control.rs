@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -102,6 +103,10 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     /// Where tables from the control plane are saved; `None`: nowhere.
     pub save_to: Option<PathBuf>,
+    /// The version of the table on disk (0: none known), so the control
+    /// plane's presence is recorded on the file only while that table is
+    /// the one in force.
+    pub saved_version: Arc<AtomicU64>,
 }
 
 impl Applier {
@@ -114,14 +119,16 @@ impl Applier {
     ) -> Result<(), table::TableError> {
         let addrs = table::resolve(t).await?;
         let compiled = Table::compile(t, &addrs, &self.live, &self.metrics)?;
-        // Saved before it is swapped in, so whatever says a table came from
-        // the control plane (`/readyz`, the ACK) also says it is on disk.
+        // Saved before it is swapped in, so that once `/readyz` or the ACK
+        // names a table from the control plane, it is on disk (unless the
+        // disk refused it, which is logged).
         if source == Source::Control {
             if let Some(path) = &self.save_to {
                 // Applied either way: a disk that refuses the file costs the
                 // next cold start its table, not this table its traffic.
                 match persist::save(path, t) {
                     Ok(()) => {
+                        self.saved_version.store(t.version, Ordering::Relaxed);
                         tracing::debug!(version = t.version, path = %path.display(), "table saved")
                     }
                     Err(e) => {
@@ -143,6 +150,7 @@ impl Applier {
             Ok(None) => None,
             Ok(Some((t, confirmed))) => match self.apply(&t, Source::Persisted).await {
                 Ok(()) => {
+                    self.saved_version.store(t.version, Ordering::Relaxed);
                     tracing::warn!(version = t.version, path = %path.display(),
                         "serving from the saved routing table until the control plane answers");
                     Some(confirmed)
@@ -257,7 +265,14 @@ impl ControlClient {
             let connected = origin.control_connected();
             if connected {
                 *self.confirmed.lock() = now;
-                if let Some(path) = &self.applier.save_to {
+                let in_force = self.tables().load().as_ref().map(|t| t.version);
+                let saved = self.applier.saved_version.load(Ordering::Relaxed);
+                if let Some(path) = self
+                    .applier
+                    .save_to
+                    .as_ref()
+                    .filter(|_| in_force == Some(saved))
+                {
                     if now.duration_since(touched).is_ok_and(|d| d >= TOUCH_EVERY) {
                         touched = now;
                         if let Err(e) = persist::touch(path) {
@@ -339,12 +354,15 @@ impl ControlClient {
         };
         tx.send(hello).await.map_err(|_| StreamError::Closed)?;
         let mut updates = client.watch(ReceiverStream::new(rx)).await?.into_inner();
-        let _connected = Connected::new(self);
+        // Up once a table from this stream is in force: before that, the
+        // weights in force are not the control plane's word.
+        let mut connected = None;
         while let Some(update) = updates.message().await? {
             backoff.reset();
             let version = update.table.as_ref().map_or(0, |t| t.version);
             let reply = match self.apply(&update).await {
                 Ok(()) => {
+                    connected.get_or_insert_with(|| Connected::new(self));
                     tracing::info!(version, "routing table applied");
                     Kind::Ack(pb::Ack {
                         version,

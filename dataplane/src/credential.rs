@@ -12,8 +12,8 @@ use switchyard_policy::CredentialRef;
 pub enum CredentialError {
     #[error("credential {reference:?}: {reason}")]
     Invalid { reference: String, reason: String },
-    #[error("credential {0} in the sidecar's environment")]
-    Key(KeyError),
+    #[error("credential {reference}: {error} in the sidecar's environment")]
+    Key { reference: String, error: KeyError },
     #[error("credential {0:?} holds characters a header cannot carry")]
     NotAHeader(String),
 }
@@ -30,7 +30,10 @@ pub fn resolve(reference: &str) -> Result<Option<HeaderValue>, CredentialError> 
         reference: format!("<{} characters>", reference.len()),
         reason,
     })?;
-    let key = parsed.read_key().map_err(CredentialError::Key)?;
+    let key = parsed.read_key().map_err(|error| CredentialError::Key {
+        reference: reference.to_string(),
+        error,
+    })?;
     let mut value = HeaderValue::try_from(format!("Bearer {key}"))
         .map_err(|_| CredentialError::NotAHeader(reference.to_string()))?;
     value.set_sensitive(true);
@@ -72,16 +75,20 @@ mod tests {
     fn what_cannot_be_resolved_is_named_by_reference_only() {
         assert_eq!(
             resolve("env:SWITCHYARD_SURELY_UNSET_VARIABLE").unwrap_err(),
-            CredentialError::Key(KeyError::EnvMissing(
-                "SWITCHYARD_SURELY_UNSET_VARIABLE".into()
-            ))
+            CredentialError::Key {
+                reference: "env:SWITCHYARD_SURELY_UNSET_VARIABLE".into(),
+                error: KeyError::EnvMissing("SWITCHYARD_SURELY_UNSET_VARIABLE".into())
+            }
         );
         let e = resolve("file:/nonexistent/switchyard/key").unwrap_err();
         assert!(e.to_string().contains("/nonexistent/switchyard/key"), "{e}");
         let empty = secret_file("empty", " \n");
         assert!(matches!(
             resolve(&format!("file:{empty}")),
-            Err(CredentialError::Key(KeyError::Empty))
+            Err(CredentialError::Key {
+                error: KeyError::Empty,
+                ..
+            })
         ));
         let broken = secret_file("broken", "sk-a\nsk-b");
         let e = resolve(&format!("file:{broken}")).unwrap_err();

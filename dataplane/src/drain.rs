@@ -106,7 +106,8 @@ pub fn spawn(
 /// Waits for the requests in flight, at most `grace`, then exits 0: the
 /// process was asked to go and went, whether or not every request made it.
 fn finish(grace: Duration) {
-    let end = Instant::now() + grace;
+    let start = Instant::now();
+    let end = start.checked_add(grace).unwrap_or(start);
     let mut zero_since: Option<Instant> = None;
     loop {
         let now = Instant::now();

@@ -171,6 +171,7 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
         live: live.clone(),
         metrics: metrics.clone(),
         save_to,
+        saved_version: Default::default(),
     };
     control::spawn(source, config.sidecar_id.clone(), applier, rtt.clone())?;
 

@@ -35,6 +35,7 @@ pub struct Live {
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gap allowed between two chunks of a streamed answer before the stream is
 /// judged stalled.
 const INTER_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -274,8 +275,16 @@ pub async fn resolve(table: &pb::RoutingTable) -> Result<HashMap<String, SocketA
     for e in &table.endpoints {
         let (host, port, _, _) = parse_url(&e.url).map_err(|r| endpoint_err(&e.name, r))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = tokio::net::lookup_host((host, port))
+        // Bounded: a resolver that hangs must not hold the control thread
+        // (and with it reconnecting, or a start from the saved table).
+        let addr = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
             .await
+            .map_err(|_| {
+                endpoint_err(
+                    &e.name,
+                    format!("resolving {host} took over {} s", RESOLVE_TIMEOUT.as_secs()),
+                )
+            })?
             .map_err(|err| endpoint_err(&e.name, format!("cannot resolve {host}: {err}")))?
             .next()
             .ok_or_else(|| endpoint_err(&e.name, format!("{host} resolves to no address")))?;
@@ -435,7 +444,7 @@ impl Table {
                     let top = weighted().map(|(_, w)| w).fold(0.0, f64::max);
                     let local = WeightedChoice::new(
                         weighted()
-                            .filter(|(_, w)| *w >= top * 0.1)
+                            .filter(|(_, w)| *w > 0.0 && *w >= top * 0.1)
                             .map(|(e, _)| (e, 1.0)),
                     );
                     let chain = chain

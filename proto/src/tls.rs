@@ -62,7 +62,7 @@ pub struct ClientTls {
 
 impl ClientTls {
     fn wanted(&self) -> bool {
-        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.server_name.is_some()
     }
 }
 

@@ -276,14 +276,14 @@ async fn attempts<'a>(
                 e
             }
             Next::Wait(e) => {
-                if !retry(e) {
-                    break StopReason::RetryBudget;
-                }
                 let waiting_for = vec![Candidate {
                     state: Arc::clone(&e.state),
                     capacity: e.capacity,
                 }];
-                if let Err(why) = attempt
+                // A request that cannot wait ends with its upstream error
+                // (what went wrong) and why no attempt followed (busy); the
+                // retry budget pays only for an attempt that happens.
+                let waited = attempt
                     .queue
                     .wait(
                         class.priority,
@@ -291,13 +291,12 @@ async fn attempts<'a>(
                         attempt.deadline,
                         waiting_for,
                     )
-                    .await
-                {
-                    class.counters.sheds.inc();
-                    return Err(RequestError::Shed {
-                        class: class.name.clone(),
-                        why,
-                    });
+                    .await;
+                if waited.is_err() {
+                    break StopReason::Busy;
+                }
+                if !retry(e) {
+                    break StopReason::RetryBudget;
                 }
                 e
             }

@@ -139,6 +139,8 @@ pub enum StopReason {
     Exhausted,
     /// The class's retry budget is spent.
     RetryBudget,
+    /// The healthy endpoints left stayed at capacity.
+    Busy,
 }
 
 impl std::fmt::Display for StopReason {
@@ -148,6 +150,7 @@ impl std::fmt::Display for StopReason {
             StopReason::MaxAttempts => "the attempt limit was reached",
             StopReason::Exhausted => "no other endpoint is up",
             StopReason::RetryBudget => "the class's retry budget is spent",
+            StopReason::Busy => "the healthy endpoints left stayed at capacity",
         })
     }
 }
