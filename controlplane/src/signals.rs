@@ -287,6 +287,17 @@ impl Aggregator {
 
     pub fn ingest(&mut self, r: &pb::TelemetryReport, now_ms: u64) {
         let start = now_ms - now_ms % BUCKET_MS;
+        // An endpoint a report leaves out is neither ejected nor throttled
+        // by that sidecar (the stream contract): its word on them is
+        // cleared, rather than kept until it ages out.
+        for (name, s) in self.series.iter_mut() {
+            if !r.endpoints.iter().any(|w| &w.endpoint == name) {
+                if let Some(g) = s.gauges.get_mut(&r.sidecar_id) {
+                    g.ejected = false;
+                    g.throttled = false;
+                }
+            }
+        }
         for w in &r.endpoints {
             let s = self.series.entry(w.endpoint.clone()).or_default();
             s.gauges.insert(
@@ -548,6 +559,10 @@ mod tests {
         a.ingest(&report("s1", vec![ejected(window("e", 0, &[], 0))]), 9000);
         let e = a.snapshot(9100).get("e").cloned().unwrap();
         assert_eq!(e.down().as_deref(), Some("ejected by 1 of 1 sidecars"));
+        // A report that leaves the endpoint out takes its word back.
+        a.ingest(&report("s1", vec![window("other", 1, &[5], 0)]), 9200);
+        let e = a.snapshot(9300).get("e").cloned().unwrap();
+        assert_eq!((e.down(), e.sidecars_ejecting), (None, 0));
     }
 
     #[test]

@@ -731,6 +731,31 @@ mod tests {
     }
 
     #[test]
+    fn expired_weights_share_equally_over_the_weighted_endpoints_only() {
+        let mut t = table();
+        t.classes[0].routes[0].weight = 0.9;
+        t.classes[0].routes[1].weight = 0.1;
+        let c = compile(&t).unwrap();
+        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        assert_eq!(names(r.first_choice(true).unwrap().endpoints()), ["a", "b"]);
+        // A standby share (under a tenth of the largest) stays out.
+        t.classes[0].routes[1].weight = 0.05;
+        let c = compile(&t).unwrap();
+        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        assert_eq!(names(r.first_choice(true).unwrap().endpoints()), ["a"]);
+        assert_eq!(
+            names(r.first_choice(false).unwrap().endpoints()),
+            ["a", "b"]
+        );
+        // Nothing weighted: nothing revived, the chain leads.
+        t.classes[0].routes[0].weight = 0.0;
+        t.classes[0].routes[1].weight = 0.0;
+        let c = compile(&t).unwrap();
+        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        assert!(r.first_choice(true).is_none() && r.first_choice(false).is_none());
+    }
+
+    #[test]
     fn model_ids_map_only_models_the_endpoint_serves() {
         let mut t = table();
         let m = t.endpoints[0].models[0].clone();
