@@ -1,8 +1,9 @@
 //! What the sidecar counts per endpoint for the control plane: requests,
 //! errors by kind, streams broken after their first byte, time to first
 //! token and total latency (hdrhistogram, microseconds), tokens and spend,
-//! with its local health (ejections and throttles) beside them. Each endpoint keeps its own window
-//! (one short lock per finished attempt, no lock shared across endpoints);
+//! with its local health (ejections and throttles) beside them. Each
+//! endpoint keeps its own window (one short lock per finished attempt, no
+//! lock shared across endpoints);
 //! the telemetry reporter takes every window whole each second, so each
 //! report covers only its own interval.
 
