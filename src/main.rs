@@ -408,17 +408,11 @@ fn default_upgrade_sock(state_dir: &std::path::Path, listen: &str) -> anyhow::Re
             .create(state_dir)
             .with_context(|| format!("creating the state directory {state_dir:?}"))?;
     }
-    let name: String = listen
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    Ok(state_dir.join(format!("sidecar-{name}.upgrade.sock")))
+    Ok(switchyard_dataplane::persist::sidecar_file(
+        state_dir,
+        listen,
+        "upgrade.sock",
+    ))
 }
 
 /// The one line on stdout that tells a parent process where we listen.

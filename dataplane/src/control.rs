@@ -190,8 +190,9 @@ pub struct ControlClient {
     pub sidecar_id: String,
     pub applier: Applier,
     pub rtt: Arc<RttView>,
-    /// When the control plane last stood behind the weights in force
-    /// (while the Watch stream is up: continuously).
+    /// When the control plane last stood behind the weights in force: the
+    /// saved table's time at start, then each time a Watch stream ends
+    /// (while one is up, the weights do not age at all).
     confirmed: parking_lot::Mutex<SystemTime>,
 }
 
@@ -264,7 +265,6 @@ impl ControlClient {
             let now = SystemTime::now();
             let connected = origin.control_connected();
             if connected {
-                *self.confirmed.lock() = now;
                 let in_force = self.tables().load().as_ref().map(|t| t.version);
                 let saved = self.applier.saved_version.load(Ordering::Relaxed);
                 if let Some(path) = self
@@ -466,7 +466,6 @@ struct Connected<'a>(&'a ControlClient);
 impl<'a> Connected<'a> {
     fn new(c: &'a ControlClient) -> Self {
         c.applier.live.origin.set_control_connected(true);
-        *c.confirmed.lock() = SystemTime::now();
         Self(c)
     }
 }

@@ -105,11 +105,18 @@ pub fn decode(bytes: &[u8]) -> Result<pb::RoutingTable, PersistError> {
 /// Where a sidecar keeps its table: one file per listen address, so
 /// sidecars sharing a state directory on one machine keep theirs apart.
 pub fn file_for(dir: &Path, listen: &str) -> PathBuf {
+    sidecar_file(dir, listen, "table")
+}
+
+/// A sidecar's own file of kind `suffix` in its state directory, named
+/// after its listen address (the one thing that tells sidecars on a host
+/// apart and survives their restarts).
+pub fn sidecar_file(dir: &Path, listen: &str, suffix: &str) -> PathBuf {
     let safe: String = listen
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    dir.join(format!("sidecar-{safe}.table"))
+    dir.join(format!("sidecar-{safe}.{suffix}"))
 }
 
 /// Writes `table` to `path` atomically.
