@@ -765,17 +765,7 @@ routing:
         "rttloop",
         &[("gpu-a", "onprem", &[]), ("gpu-b", "onprem", &[])],
         |m| {
-            let eps: Vec<switchyard::cluster::PolicyEndpoint<'_>> = m
-                .iter()
-                .map(|m| switchyard::cluster::PolicyEndpoint {
-                    name: &m.name,
-                    addr: m.addr,
-                    tier: &m.tier,
-                    model: MODEL,
-                    price_in: 1.0,
-                    price_out: 2.0,
-                })
-                .collect();
+            let eps = common::endpoints_of(m, MODEL, |_| (1.0, 2.0));
             switchyard::cluster::policy_with_classes(&eps, "chat", classes)
         },
         &control,

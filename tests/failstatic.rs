@@ -15,14 +15,6 @@ use switchyard::cluster::{self, Proc};
 use switchyard_dataplane::persist;
 use tokio::time::Instant;
 
-/// `/readyz`'s status and text; status 0 while nothing listens yet.
-async fn readyz(http: &reqwest::Client, addr: SocketAddr) -> (u16, String) {
-    match http.get(format!("http://{addr}/readyz")).send().await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
 /// Polls `/readyz` every 50 ms until its text contains `want`; fails with
 /// the last answer and the sidecar's log after `within`.
 async fn ready_says(
@@ -34,7 +26,7 @@ async fn ready_says(
 ) -> String {
     let end = Instant::now() + within;
     loop {
-        let (_, text) = readyz(http, addr).await;
+        let (_, text) = common::readyz(http, addr).await;
         if text.contains(want) {
             return text;
         }
@@ -86,7 +78,7 @@ async fn a_sidecar_restarted_while_its_control_plane_is_down_serves_the_saved_ta
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let (status, text) = readyz(&stack.http, stack.sidecar_addr).await;
+    let (status, text) = common::readyz(&stack.http, stack.sidecar_addr).await;
     assert_eq!(status, 200, "{text}");
     assert!(
         text.contains(&format!("table version {version}, from persisted")),
@@ -256,15 +248,6 @@ async fn weights_expire_past_their_ttl_without_the_control_plane() {
     assert_eq!(stack.metric("switchyard_weights_expired", &[]).await, 0.0);
 }
 
-fn models_of(v: &serde_json::Value) -> Vec<String> {
-    v["data"]
-        .as_array()
-        .expect("a model list")
-        .iter()
-        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 async fn chat_via(http: &reqwest::Client, addr: SocketAddr) -> (u16, String, String) {
     let r = http
         .post(format!("http://{addr}/v1/chat/completions"))
@@ -323,20 +306,15 @@ async fn standalone_mode_serves_reloads_and_keeps_local_health_without_a_control
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let (_, text) = readyz(&http, addr).await;
+    let (_, text) = common::readyz(&http, addr).await;
     assert!(text.contains("from policy-file, weights trusted"), "{text}");
 
     // The same independent client checks the foundation runs.
     common::openai_client_round_trip(&format!("http://{addr}/v1"), &mocks[0], &http).await;
-    let models: serde_json::Value = http
-        .get(format!("http://{addr}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(models_of(&models), [MODEL]);
+    assert_eq!(
+        common::listed_models(&http, &format!("http://{addr}")).await,
+        [MODEL]
+    );
 
     // An edit moves the traffic; an invalid edit is refused and changes
     // nothing.

@@ -6,7 +6,7 @@ mod common;
 
 use common::Stack;
 use futures::StreamExt;
-use switchyard::cluster::{self, PolicyEndpoint};
+use switchyard::cluster;
 
 const LOGICAL: &str = "chat-large";
 const VLLM_ID: &str = "meta-llama/Llama-3.1-70B-Instruct";
@@ -55,18 +55,7 @@ async fn each_endpoint_gets_its_own_id_for_the_logical_model() {
         "models",
         &mocks,
         |m| {
-            let eps: Vec<PolicyEndpoint<'_>> = m
-                .iter()
-                .enumerate()
-                .map(|(i, m)| PolicyEndpoint {
-                    name: &m.name,
-                    addr: m.addr,
-                    tier: &m.tier,
-                    model: LOGICAL,
-                    price_in: i as f64,
-                    price_out: i as f64,
-                })
-                .collect();
+            let eps = common::endpoints_of(m, LOGICAL, |i| (i as f64, i as f64));
             let class = "  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 20000\n    weights: { onprem-vllm: 1 }\n";
             let p = cluster::policy_with_classes(&eps, "standard", class);
             // The on-prem server knows the model by its Hugging Face id.
@@ -82,22 +71,10 @@ async fn each_endpoint_gets_its_own_id_for_the_logical_model() {
     )
     .await;
 
-    let listed: serde_json::Value = stack
-        .http
-        .get(stack.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = listed["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(ids, [LOGICAL]);
+    assert_eq!(
+        common::listed_models(&stack.http, &stack.url("")).await,
+        [LOGICAL]
+    );
 
     for stream in [false, true] {
         let (status, endpoint, models) = ask(&stack, stream).await;

@@ -210,22 +210,10 @@ const THREE: [(&str, &str, &[&str]); 3] = [
 
 /// A policy over the mocks (or `override_addr` for the first) with one class.
 fn policy(mocks: &[Mock], class_extra: &str, override_addr: Option<SocketAddr>) -> String {
-    let eps: Vec<PolicyEndpoint<'_>> = mocks
-        .iter()
-        .enumerate()
-        .map(|(i, m)| PolicyEndpoint {
-            name: &m.name,
-            addr: if i == 0 {
-                override_addr.unwrap_or(m.addr)
-            } else {
-                m.addr
-            },
-            tier: &m.tier,
-            model: MODEL,
-            price_in: i as f64,
-            price_out: i as f64,
-        })
-        .collect();
+    let mut eps = common::endpoints_of(mocks, MODEL, |i| (i as f64, i as f64));
+    if let (Some(addr), Some(first)) = (override_addr, eps.first_mut()) {
+        first.addr = addr;
+    }
     let class = format!(
         "  - name: standard\n    ttft_timeout_ms: 500\n    deadline_ms: 4000\n    weights: {{ onprem-a: 1 }}\n{class_extra}"
     );
@@ -704,18 +692,7 @@ async fn with_on_prem_dead_and_the_fallback_full_requests_wait_for_the_fallback(
             "busydead",
             &MOCKS,
             |m| {
-                let eps: Vec<PolicyEndpoint<'_>> = m
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| PolicyEndpoint {
-                        name: &m.name,
-                        addr: m.addr,
-                        tier: &m.tier,
-                        model: MODEL,
-                        price_in: i as f64,
-                        price_out: i as f64,
-                    })
-                    .collect();
+                let eps = common::endpoints_of(m, MODEL, |i| (i as f64, i as f64));
                 let class = "  - name: standard\n    ttft_timeout_ms: 5000\n    deadline_ms: 20000\n    weights: { onprem-a: 1 }\n";
                 cluster::policy_with_classes(&eps, "standard", class)
                     .replace("  - name: fallback-c\n", "  - name: fallback-c\n    capacity: 2\n")

@@ -24,15 +24,7 @@ const TOKENS: u32 = 16;
 /// The content the mock named `name` answers with: tokens `name:0`,
 /// ` name:1`, ... (as the mock writes them).
 fn expected_content(name: &str) -> String {
-    (0..TOKENS)
-        .map(|i| {
-            if i == 0 {
-                format!("{name}:{i}")
-            } else {
-                format!(" {name}:{i}")
-            }
-        })
-        .collect()
+    switchyard_mock::answer_tokens(name, TOKENS).concat()
 }
 
 /// Sends one chat completion to `base` and reads the whole answer; a
@@ -129,31 +121,21 @@ async fn mock_in_flight(mock: &Mock, http: &reqwest::Client) -> u64 {
         .expect("in_flight")
 }
 
+/// The sidecar's `/readyz` text, when it answers 200.
+async fn ready_text(http: &reqwest::Client, addr: SocketAddr) -> Option<String> {
+    let (status, text) = common::readyz(http, addr).await;
+    (status == 200).then_some(text)
+}
+
 /// The pid in the sidecar's `/readyz` answer, when it answers 200.
 async fn ready_pid(http: &reqwest::Client, addr: SocketAddr) -> Option<u32> {
-    let r = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .ok()?;
-    if !r.status().is_success() {
-        return None;
-    }
-    let body = r.text().await.ok()?;
+    let body = ready_text(http, addr).await?;
     body.trim_end().rsplit_once(", pid ")?.1.parse().ok()
 }
 
 /// The table version in the sidecar's `/readyz` answer, when it is ready.
 async fn ready_version(http: &reqwest::Client, addr: SocketAddr) -> Option<u64> {
-    let r = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .ok()?;
-    if !r.status().is_success() {
-        return None;
-    }
-    let body = r.text().await.ok()?;
+    let body = ready_text(http, addr).await?;
     body.strip_prefix("ready: table version ")?
         .split(',')
         .next()?

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{endpoint, Stack, MODEL};
 use futures::StreamExt;
-use switchyard::cluster::{self, PolicyEndpoint};
+use switchyard::cluster;
 
 const TOKENS: usize = 8;
 
@@ -200,17 +200,7 @@ async fn a_stream_stalled_past_the_inter_token_timeout_ends_with_an_error_event_
             ],
         )],
         |m| {
-            let eps: Vec<PolicyEndpoint<'_>> = m
-                .iter()
-                .map(|m| PolicyEndpoint {
-                    name: &m.name,
-                    addr: m.addr,
-                    tier: &m.tier,
-                    model: MODEL,
-                    price_in: 1.0,
-                    price_out: 2.0,
-                })
-                .collect();
+            let eps = common::endpoints_of(m, MODEL, |_| (1.0, 2.0));
             cluster::policy_with_classes(&eps, "standard", &class)
         },
         &["--eject-after", "2"],

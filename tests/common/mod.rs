@@ -112,21 +112,34 @@ pub struct Stack {
     pub http: reqwest::Client,
 }
 
+/// The policy's endpoint lines for `mocks`, each serving `model`, priced
+/// (input, output per million tokens) by `price` of the mock's position.
+pub fn endpoints_of<'a>(
+    mocks: &'a [Mock],
+    model: &'a str,
+    price: impl Fn(usize) -> (f64, f64),
+) -> Vec<PolicyEndpoint<'a>> {
+    mocks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (price_in, price_out) = price(i);
+            PolicyEndpoint {
+                name: &m.name,
+                addr: m.addr,
+                tier: &m.tier,
+                model,
+                price_in,
+                price_out,
+            }
+        })
+        .collect()
+}
+
 /// A policy over `mocks` with one class whose weights are given by name;
 /// prices rise with the mock's position.
 pub fn policy_text(mocks: &[Mock], weights: &[(&str, f64)]) -> String {
-    let eps: Vec<PolicyEndpoint<'_>> = mocks
-        .iter()
-        .enumerate()
-        .map(|(i, m)| PolicyEndpoint {
-            name: &m.name,
-            addr: m.addr,
-            tier: &m.tier,
-            model: MODEL,
-            price_in: i as f64,
-            price_out: i as f64 * 2.0,
-        })
-        .collect();
+    let eps = endpoints_of(mocks, MODEL, |i| (i as f64, i as f64 * 2.0));
     cluster::policy_yaml(&eps, weights)
 }
 
@@ -577,4 +590,30 @@ pub async fn openai_client_round_trip(base: &str, mock: &Mock, http: &reqwest::C
     assert!(chunks > 40, "streamed chunk by chunk, got {chunks} chunks");
     assert_eq!(streamed, mock_content(http, mock, &id).await);
     assert_eq!(streamed.split(' ').count(), 40);
+}
+
+/// The model ids `GET {base}/v1/models` lists, in order.
+pub async fn listed_models(http: &reqwest::Client, base: &str) -> Vec<String> {
+    let v: serde_json::Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a model list: {v}"))
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `/readyz`'s status and text; status 0 while nothing listens there.
+pub async fn readyz(http: &reqwest::Client, addr: SocketAddr) -> (u16, String) {
+    match http.get(format!("http://{addr}/readyz")).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
 }
