@@ -325,6 +325,8 @@ impl Table {
                 cached_input: e
                     .price_cached_input_per_mtok
                     .unwrap_or(e.price_input_per_mtok),
+                // Until the policy prices cache writes apart.
+                cache_write: e.price_input_per_mtok,
                 output: e.price_output_per_mtok,
             };
             for p in [prices.input, prices.cached_input, prices.output] {

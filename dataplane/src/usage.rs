@@ -127,6 +127,7 @@ impl Window {
             c.tokens.input += t.input;
             c.tokens.output += t.output;
             c.tokens.cached_input += t.cached_input;
+            c.tokens.cache_write += t.cache_write;
         }
         c.spend_usd += o.spend_usd;
     }
@@ -220,6 +221,7 @@ mod tests {
                     input: 10,
                     output: 20,
                     cached_input: 0,
+                    cache_write: 0,
                 }),
                 spend_usd: 0.5,
             });

@@ -54,6 +54,7 @@ fuzz_target!(|input: Input| {
         let p = switchyard_wire::usage::Prices {
             input: 1.0,
             cached_input: 0.5,
+            cache_write: 1.25,
             output: 2.0,
         };
         let c = t.cost(&p);

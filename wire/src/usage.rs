@@ -16,7 +16,9 @@ use serde::Deserialize;
 use crate::sse::{self, EventStream, Verdict};
 
 /// Tokens as the provider's `usage` reports them. `cached_input` is the
-/// part of `input` served from the provider's prompt cache; reasoning
+/// part of `input` served from the provider's prompt cache; `cache_write`
+/// the part of `input` written to it (Anthropic bills those above the input
+/// price; OpenAI caches without charging, and reports none). Reasoning
 /// tokens are part of `output` already (OpenAI counts them in
 /// `completion_tokens` and bills them as output), so they are neither added
 /// nor priced apart.
@@ -25,6 +27,7 @@ pub struct Tokens {
     pub input: u64,
     pub output: u64,
     pub cached_input: u64,
+    pub cache_write: u64,
 }
 
 /// An endpoint's prices, in USD per million tokens.
@@ -32,17 +35,23 @@ pub struct Tokens {
 pub struct Prices {
     pub input: f64,
     pub cached_input: f64,
+    /// Prompt tokens written to the provider's prompt cache.
+    pub cache_write: f64,
     pub output: f64,
 }
 
 impl Tokens {
-    /// Cost at `p`: cached input at the cached price, the rest of the input
-    /// at the input price, output at the output price. A provider claiming
-    /// more cached tokens than prompt tokens is believed up to the prompt.
+    /// Cost at `p`: cached input at the cached price, cache writes at the
+    /// cache write price, the rest of the input at the input price, output
+    /// at the output price. A provider claiming more cached or written
+    /// tokens than prompt tokens is believed up to the prompt (reads
+    /// first: they are what the provider says it served).
     pub fn cost(&self, p: &Prices) -> f64 {
         let cached = self.cached_input.min(self.input);
-        ((self.input - cached) as f64 * p.input
+        let written = self.cache_write.min(self.input - cached);
+        ((self.input - cached - written) as f64 * p.input
             + cached as f64 * p.cached_input
+            + written as f64 * p.cache_write
             + self.output as f64 * p.output)
             / 1e6
     }
@@ -71,6 +80,7 @@ impl From<UsageJson> for Tokens {
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
+            cache_write: 0,
         }
     }
 }
@@ -382,6 +392,7 @@ mod tests {
             input,
             output,
             cached_input,
+            cache_write: 0,
         }
     }
 
@@ -588,11 +599,42 @@ mod tests {
         let p = Prices {
             input: 1.0,
             cached_input: 0.25,
+            cache_write: 1.25,
             output: 4.0,
         };
         assert!((t(1_000_000, 500_000, 0).cost(&p) - 3.0).abs() < 1e-9);
         // 200k uncached at 1, 800k cached at 0.25, 500k out at 4.
         assert!((t(1_000_000, 500_000, 800_000).cost(&p) - 2.4).abs() < 1e-9);
         assert!((t(1_000_000, 0, 2_000_000).cost(&p) - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cache_writes_are_priced_apart_and_bounded_by_what_is_not_read() {
+        let p = Prices {
+            input: 1.0,
+            cached_input: 0.25,
+            cache_write: 1.25,
+            output: 4.0,
+        };
+        let w = |input, cached_input, cache_write| Tokens {
+            input,
+            output: 0,
+            cached_input,
+            cache_write,
+        };
+        // 500k written at 1.25, 500k plain at 1.
+        assert!((w(1_000_000, 0, 500_000).cost(&p) - 1.125).abs() < 1e-9);
+        // 200k read at 0.25, 300k written at 1.25, 500k plain at 1.
+        assert!((w(1_000_000, 200_000, 300_000).cost(&p) - 0.925).abs() < 1e-9);
+        // Reads and writes claiming more than the prompt: reads first, the
+        // writes get what is left, nothing is priced at the input price.
+        assert!((w(1_000_000, 600_000, 900_000).cost(&p) - 0.65).abs() < 1e-9);
+        assert!((w(1_000_000, 0, 5_000_000).cost(&p) - 1.25).abs() < 1e-9);
+        // Without a cache write price of its own (zero), writes cost nothing.
+        let free = Prices {
+            cache_write: 0.0,
+            ..p
+        };
+        assert!((w(1_000_000, 0, 1_000_000).cost(&free)).abs() < 1e-9);
     }
 }
