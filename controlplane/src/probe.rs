@@ -1,6 +1,7 @@
 //! Health probes that spend no tokens: every interval the control plane
-//! sends each endpoint `GET {url}/v1/models` (or the endpoint's
-//! `health_path`), with the endpoint's credential, and feeds the results to
+//! sends each endpoint `GET {url}/v1/models` (Azure's model list for an
+//! azure endpoint, or the endpoint's `health_path`), with the endpoint's
+//! credential in its API's header, and feeds the results to
 //! the probe state machine in `health`. Never a completion: a probe must
 //! not cost money or take a serving slot from real traffic.
 //!
@@ -20,16 +21,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use reqwest::header::HeaderValue;
 use switchyard_policy::credential::KeyError;
-use switchyard_policy::{CredentialRef, Endpoint};
+use switchyard_policy::{ApiKind, CredentialRef, Endpoint};
 use tokio::sync::watch;
 
 use crate::health::{ProbeRule, ProbeState, Turn};
 use crate::publish::Published;
 use crate::signals::Aggregator;
-
-/// Probed when the policy names no `health_path`: lists models, costs
-/// nothing, and every OpenAI-compatible server has it.
-pub const DEFAULT_HEALTH_PATH: &str = "/v1/models";
 
 /// How probes run.
 #[derive(Clone, Copy, Debug)]
@@ -52,17 +49,21 @@ pub enum CredentialError {
     NotAHeader,
 }
 
-/// The `Authorization` header for an endpoint's credential reference, as a
-/// sensitive header value (never printed by `Debug`).
-pub fn credential(reference: &str) -> Result<HeaderValue, CredentialError> {
+/// The credential header for an endpoint's API kind and credential
+/// reference (`Authorization: Bearer`, Azure's `api-key`, Anthropic's
+/// `x-api-key`), its value sensitive (never printed by `Debug`).
+pub fn credential(
+    api: ApiKind,
+    reference: &str,
+) -> Result<(&'static str, HeaderValue), CredentialError> {
     let key = CredentialRef::parse(reference)
         .map_err(CredentialError::Invalid)?
         .read_key()
         .map_err(CredentialError::Key)?;
-    let mut value =
-        HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| CredentialError::NotAHeader)?;
+    let (name, value) = api.credential_header(&key);
+    let mut value = HeaderValue::try_from(value).map_err(|_| CredentialError::NotAHeader)?;
     value.set_sensitive(true);
-    Ok(value)
+    Ok((name, value))
 }
 
 /// Where an endpoint is probed, or why it is not.
@@ -71,8 +72,7 @@ pub fn probe_url(e: &Endpoint) -> Result<String, String> {
     if !base.starts_with("http://") {
         return Err("not plain http; https endpoints are not probed yet".into());
     }
-    let path = e.health_path.as_deref().unwrap_or(DEFAULT_HEALTH_PATH);
-    Ok(format!("{base}{path}"))
+    Ok(format!("{base}{}", e.probe_path()))
 }
 
 /// A failed request said as an operator reads it: the cause, not the URL
@@ -116,13 +116,17 @@ pub fn judge_answer(status: u16, key_withheld: bool) -> Result<(), String> {
 async fn probe(
     client: &reqwest::Client,
     url: &str,
-    auth: Option<HeaderValue>,
+    api: ApiKind,
+    auth: Option<(&'static str, HeaderValue)>,
     key_withheld: bool,
     timeout: Duration,
 ) -> Result<(), String> {
     let mut req = client.get(url);
-    if let Some(a) = auth {
-        req = req.header(reqwest::header::AUTHORIZATION, a);
+    if let Some((name, value)) = auth {
+        req = req.header(name, value);
+    }
+    for (name, value) in api.fixed_headers() {
+        req = req.header(*name, *value);
     }
     let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
     judge_answer(resp.status().as_u16(), key_withheld)
@@ -173,7 +177,7 @@ pub async fn run(
                     continue;
                 }
             };
-            let (auth, withheld) = match e.credential.as_deref().map(credential) {
+            let (auth, withheld) = match e.credential.as_deref().map(|c| credential(e.api, c)) {
                 None => (None, false),
                 Some(Ok(h)) => {
                     no_credential.remove(&e.name);
@@ -189,17 +193,18 @@ pub async fn run(
                     (None, true)
                 }
             };
-            targets.push((e.name.clone(), url, auth, withheld));
+            targets.push((e.name.clone(), url, e.api, auth, withheld));
         }
-        let results =
-            futures::future::join_all(targets.into_iter().map(|(name, url, auth, withheld)| {
+        let results = futures::future::join_all(targets.into_iter().map(
+            |(name, url, api, auth, withheld)| {
                 let client = client.clone();
                 async move {
-                    let r = probe(&client, &url, auth, withheld, timeout).await;
+                    let r = probe(&client, &url, api, auth, withheld, timeout).await;
                     (name, r)
                 }
-            }))
-            .await;
+            },
+        ))
+        .await;
         let probed: BTreeSet<&String> = results.iter().map(|(n, _)| n).collect();
         let gone: Vec<String> = states
             .keys()
@@ -275,22 +280,34 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("key");
         std::fs::write(&path, "sk-probe-secret\n").unwrap();
-        let h = credential(&format!("file:{}", path.display())).unwrap();
-        assert_eq!(h.to_str().unwrap(), "Bearer sk-probe-secret");
+        let file = format!("file:{}", path.display());
+        let (name, h) = credential(ApiKind::Openai, &file).unwrap();
+        assert_eq!(
+            (name, h.to_str().unwrap()),
+            ("authorization", "Bearer sk-probe-secret")
+        );
+        let (name, a) = credential(ApiKind::Anthropic, &file).unwrap();
+        assert_eq!(
+            (name, a.to_str().unwrap()),
+            ("x-api-key", "sk-probe-secret")
+        );
+        let (name, _) = credential(ApiKind::Azure, &file).unwrap();
+        assert_eq!(name, "api-key");
         assert!(h.is_sensitive());
         assert!(!format!("{h:?}").contains("sk-probe"));
-        let missing = credential("env:SWITCHYARD_PROBE_TEST_UNSET_VAR").unwrap_err();
+        let missing =
+            credential(ApiKind::Openai, "env:SWITCHYARD_PROBE_TEST_UNSET_VAR").unwrap_err();
         assert_eq!(
             missing,
             CredentialError::Key(KeyError::EnvMissing(
                 "SWITCHYARD_PROBE_TEST_UNSET_VAR".into()
             ))
         );
-        let pasted = credential("sk-live-pasted").unwrap_err();
+        let pasted = credential(ApiKind::Openai, "sk-live-pasted").unwrap_err();
         assert!(!pasted.to_string().contains("sk-live"), "{pasted}");
         std::fs::write(&path, "  \n").unwrap();
         assert_eq!(
-            credential(&format!("file:{}", path.display())),
+            credential(ApiKind::Openai, &file),
             Err(CredentialError::Key(KeyError::Empty))
         );
     }

@@ -7,10 +7,18 @@
 //! class goes out with neither, so the sidecar refuses its requests with a
 //! clear error instead of sending them anywhere.
 
-use switchyard_policy::{Policy, Tier};
+use switchyard_policy::{ApiKind, Policy, Tier};
 use switchyard_proto::v1 as pb;
 
 use crate::weights::Decision;
+
+fn api_pb(a: ApiKind) -> pb::ApiKind {
+    match a {
+        ApiKind::Openai => pb::ApiKind::Openai,
+        ApiKind::Azure => pb::ApiKind::Azure,
+        ApiKind::Anthropic => pb::ApiKind::Anthropic,
+    }
+}
 
 fn tier_pb(t: Tier) -> pb::Tier {
     match t {
@@ -27,7 +35,11 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
         .map(|e| pb::Endpoint {
             name: e.name.clone(),
             url: e.url.clone(),
-            api: pb::ApiKind::Openai as i32,
+            api: api_pb(e.api) as i32,
+            api_version: match e.api {
+                ApiKind::Azure => e.azure_api_version().to_string(),
+                ApiKind::Openai | ApiKind::Anthropic => String::new(),
+            },
             tier: tier_pb(e.tier) as i32,
             models: e.models.iter().cloned().collect(),
             model_ids: e
@@ -38,6 +50,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             price_input_per_mtok: e.price.input_per_mtok,
             price_output_per_mtok: e.price.output_per_mtok,
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,
+            price_cache_write_input_per_mtok: e.price.cache_write_input_per_mtok,
             credential: e.credential.clone().unwrap_or_default(),
             capacity: e.capacity,
             over_budget: decision.over_spend_budget.contains_key(&e.name),
@@ -67,6 +80,7 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
                 retry_ratio: c.retry_budget.as_ref().map_or(0.2, |r| r.ratio),
                 retry_min_per_second: c.retry_budget.as_ref().map_or(10, |r| r.min_per_second),
                 inter_token_timeout_ms: c.inter_token_timeout_ms.unwrap_or(0),
+                default_max_tokens: c.default_max_tokens,
                 degrade: c.degrade.as_ref().map(|d| pb::Degrade {
                     action: Some(match (&d.model, d.max_tokens, &d.reject) {
                         (Some(m), _, _) => pb::degrade::Action::Model(m.clone()),

@@ -6,7 +6,7 @@
 
 use http::HeaderValue;
 use switchyard_policy::credential::KeyError;
-use switchyard_policy::CredentialRef;
+use switchyard_policy::{ApiKind, CredentialRef};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialError {
@@ -18,9 +18,13 @@ pub enum CredentialError {
     NotAHeader(String),
 }
 
-/// The `Authorization` value for `reference`; `None` when the endpoint has
-/// no credential (an empty reference).
-pub fn resolve(reference: &str) -> Result<Option<HeaderValue>, CredentialError> {
+/// The credential header for `reference` in `api`'s form (`Authorization:
+/// Bearer`, Azure's `api-key`, Anthropic's `x-api-key`); `None` when the
+/// endpoint has no credential (an empty reference).
+pub fn resolve(
+    api: ApiKind,
+    reference: &str,
+) -> Result<Option<(&'static str, HeaderValue)>, CredentialError> {
     if reference.is_empty() {
         return Ok(None);
     }
@@ -34,15 +38,34 @@ pub fn resolve(reference: &str) -> Result<Option<HeaderValue>, CredentialError> 
         reference: reference.to_string(),
         error,
     })?;
-    let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+    let (name, value) = api.credential_header(&key);
+    let mut value = HeaderValue::try_from(value)
         .map_err(|_| CredentialError::NotAHeader(reference.to_string()))?;
     value.set_sensitive(true);
-    Ok(Some(value))
+    Ok(Some((name, value)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header value of an OpenAI endpoint's credential.
+    fn bearer(reference: &str) -> Result<Option<HeaderValue>, CredentialError> {
+        resolve(ApiKind::Openai, reference).map(|h| h.map(|(_, v)| v))
+    }
+
+    #[test]
+    fn each_api_gets_the_key_in_its_own_header() {
+        let path = secret_file("kinds", "sk-kind\n");
+        let r = format!("file:{path}");
+        let (name, v) = resolve(ApiKind::Azure, &r).unwrap().unwrap();
+        assert_eq!((name, v.to_str().unwrap()), ("api-key", "sk-kind"));
+        let (name, v) = resolve(ApiKind::Anthropic, &r).unwrap().unwrap();
+        assert_eq!((name, v.to_str().unwrap()), ("x-api-key", "sk-kind"));
+        assert!(v.is_sensitive());
+        let (name, _) = resolve(ApiKind::Openai, &r).unwrap().unwrap();
+        assert_eq!(name, "authorization");
+    }
 
     fn secret_file(name: &str, text: &str) -> String {
         let dir = std::env::temp_dir().join(format!("switchyard-cred-{}", std::process::id()));
@@ -55,11 +78,11 @@ mod tests {
     #[test]
     fn a_file_reference_becomes_a_sensitive_bearer_header() {
         let path = secret_file("ok", "sk-test-123\n");
-        let v = resolve(&format!("file:{path}")).unwrap().unwrap();
+        let v = bearer(&format!("file:{path}")).unwrap().unwrap();
         assert_eq!(v.to_str().unwrap(), "Bearer sk-test-123");
         assert!(v.is_sensitive());
         assert!(!format!("{v:?}").contains("sk-test-123"));
-        assert_eq!(resolve("").unwrap(), None);
+        assert_eq!(bearer("").unwrap(), None);
     }
 
     #[test]
@@ -67,33 +90,33 @@ mod tests {
         // PATH is set wherever tests run; setting a variable here would race
         // with other tests.
         let path = std::env::var("PATH").unwrap();
-        let v = resolve("env:PATH").unwrap().unwrap();
+        let v = bearer("env:PATH").unwrap().unwrap();
         assert_eq!(v.to_str().unwrap(), format!("Bearer {}", path.trim()));
     }
 
     #[test]
     fn what_cannot_be_resolved_is_named_by_reference_only() {
         assert_eq!(
-            resolve("env:SWITCHYARD_SURELY_UNSET_VARIABLE").unwrap_err(),
+            bearer("env:SWITCHYARD_SURELY_UNSET_VARIABLE").unwrap_err(),
             CredentialError::Key {
                 reference: "env:SWITCHYARD_SURELY_UNSET_VARIABLE".into(),
                 error: KeyError::EnvMissing("SWITCHYARD_SURELY_UNSET_VARIABLE".into())
             }
         );
-        let e = resolve("file:/nonexistent/switchyard/key").unwrap_err();
+        let e = bearer("file:/nonexistent/switchyard/key").unwrap_err();
         assert!(e.to_string().contains("/nonexistent/switchyard/key"), "{e}");
         let empty = secret_file("empty", " \n");
         assert!(matches!(
-            resolve(&format!("file:{empty}")),
+            bearer(&format!("file:{empty}")),
             Err(CredentialError::Key {
                 error: KeyError::Empty,
                 ..
             })
         ));
         let broken = secret_file("broken", "sk-a\nsk-b");
-        let e = resolve(&format!("file:{broken}")).unwrap_err();
+        let e = bearer(&format!("file:{broken}")).unwrap_err();
         assert!(!e.to_string().contains("sk-a"), "{e}");
-        let e = resolve("sk-live-pasted").unwrap_err();
+        let e = bearer("sk-live-pasted").unwrap_err();
         assert!(!e.to_string().contains("sk-live-pasted"), "{e}");
     }
 }

@@ -1,5 +1,5 @@
-//! The `ProxyHttp` implementation: per-request state, dispatch to the chat
-//! completion path (`request`) or the sidecar's own routes (`routes`), and
+//! The `ProxyHttp` implementation: per-request state, dispatch to the
+//! request path (`request`: chat completions, completions, embeddings) or the sidecar's own routes (`routes`), and
 //! the request counters in `logging()`.
 
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl ProxyHttp for Sidecar {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let h = session.req_header();
         match routes::route(&h.method, h.uri.path()) {
-            Route::Chat => crate::request::serve(self, session, ctx).await?,
+            Route::Api(op) => crate::request::serve(self, op, session, ctx).await?,
             other => routes::serve(self, other, session, ctx).await?,
         }
         Ok(true)

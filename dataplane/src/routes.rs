@@ -1,4 +1,6 @@
-//! The sidecar's own routes: `/v1/models` (the models the table serves),
+//! Routing by method and path: the operations relayed to providers (chat
+//! completions, completions, embeddings: `request`), and the sidecar's own
+//! routes: `/v1/models` (the models the table serves),
 //! `/metrics`, `/healthz` (the process is up) and `/readyz` (a table is
 //! applied). `HEAD` answers wherever `GET` does, for probes.
 
@@ -8,12 +10,13 @@ use pingora::proxy::Session;
 use crate::proxy::{RequestCtx, Sidecar};
 use crate::reply::{error, respond};
 use crate::request::errors::RequestError;
-use crate::table::CHAT_PATH;
+use switchyard_wire::operation::Operation;
 
 /// Which route a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    Chat,
+    /// An operation relayed to a provider.
+    Api(Operation),
     Models,
     Metrics,
     Health,
@@ -25,13 +28,19 @@ pub enum Route {
 /// Routes by method and path. Pure.
 pub fn route(method: &http::Method, path: &str) -> Route {
     let get = method == http::Method::GET || method == http::Method::HEAD;
+    if let Some(op) = Operation::at(path) {
+        return if method == http::Method::POST {
+            Route::Api(op)
+        } else {
+            Route::MethodNotAllowed
+        };
+    }
     match path {
-        CHAT_PATH if method == http::Method::POST => Route::Chat,
         "/v1/models" if get => Route::Models,
         "/metrics" if get => Route::Metrics,
         "/healthz" if get => Route::Health,
         "/readyz" if get => Route::Ready,
-        CHAT_PATH | "/v1/models" | "/metrics" | "/healthz" | "/readyz" => Route::MethodNotAllowed,
+        "/v1/models" | "/metrics" | "/healthz" | "/readyz" => Route::MethodNotAllowed,
         _ => Route::NotFound,
     }
 }
@@ -41,7 +50,7 @@ pub fn wants_openmetrics(accept: Option<&[u8]>) -> bool {
     accept.is_some_and(|a| memchr::memmem::find(a, b"application/openmetrics-text").is_some())
 }
 
-/// Answers one of the sidecar's own routes (everything but `Chat`).
+/// Answers one of the sidecar's own routes (everything but `Api`).
 pub async fn serve(
     sc: &Sidecar,
     route: Route,
@@ -49,7 +58,7 @@ pub async fn serve(
     ctx: &mut RequestCtx,
 ) -> pingora::Result<()> {
     match route {
-        Route::Chat => Ok(()),
+        Route::Api(_) => Ok(()),
         Route::Models => match sc.tables.load_full() {
             Some(t) => {
                 let body = t.models_json.clone();
@@ -123,7 +132,18 @@ mod tests {
 
     #[test]
     fn requests_route_by_method_and_path() {
-        assert_eq!(route(&Method::POST, "/v1/chat/completions"), Route::Chat);
+        assert_eq!(
+            route(&Method::POST, "/v1/chat/completions"),
+            Route::Api(Operation::Chat)
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/embeddings"),
+            Route::Api(Operation::Embeddings)
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/completions"),
+            Route::Api(Operation::Completions)
+        );
         assert_eq!(
             route(&Method::GET, "/v1/chat/completions"),
             Route::MethodNotAllowed
@@ -133,7 +153,11 @@ mod tests {
         assert_eq!(route(&Method::HEAD, "/metrics"), Route::Metrics);
         assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
         assert_eq!(route(&Method::DELETE, "/metrics"), Route::MethodNotAllowed);
-        assert_eq!(route(&Method::GET, "/v1/completions"), Route::NotFound);
+        assert_eq!(
+            route(&Method::GET, "/v1/completions"),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(route(&Method::POST, "/v1/responses"), Route::NotFound);
         assert_eq!(route(&Method::GET, "/"), Route::NotFound);
     }
 

@@ -163,6 +163,7 @@ mod tests {
             credential: String::new(),
             over_budget: false,
             model_ids: Default::default(),
+            ..Default::default()
         };
         let t = pb::RoutingTable {
             version: 7,

@@ -13,7 +13,9 @@ use parking_lot::Mutex;
 use pingora::upstreams::peer::HttpPeer;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
+use switchyard_policy::ApiKind;
 use switchyard_proto::v1 as pb;
+use switchyard_wire::operation::Operation;
 use switchyard_wire::usage::Prices;
 
 use crate::balance::WeightedChoice;
@@ -30,10 +32,61 @@ pub struct Live {
     pub origin: crate::origin::Origin,
 }
 
-/// The request path every endpoint serves chat completions on, after its
-/// URL's own path prefix.
-pub const CHAT_PATH: &str = "/v1/chat/completions";
+/// Where Anthropic's Messages API is, after the URL's own path prefix.
+pub const MESSAGES_PATH: &str = "/v1/messages";
 
+/// The path of `op` at an endpoint, after its URL's own prefix. Azure's
+/// depends on the deployment, so it is built per request.
+#[derive(Debug)]
+pub enum Paths {
+    /// OpenAI's: one per operation, rendered once.
+    Openai([Bytes; 3]),
+    /// Anthropic's: chat only.
+    Anthropic(Bytes),
+    /// `{prefix}/openai/deployments/{deployment}/{op}?api-version={version}`.
+    Azure { prefix: String, api_version: String },
+}
+
+impl Paths {
+    pub fn new(api: ApiKind, prefix: &str, api_version: &str) -> Paths {
+        match api {
+            ApiKind::Openai => Paths::Openai(
+                Operation::ALL.map(|op| Bytes::from(format!("{prefix}{}", op.path()))),
+            ),
+            ApiKind::Anthropic => Paths::Anthropic(Bytes::from(format!("{prefix}{MESSAGES_PATH}"))),
+            ApiKind::Azure => Paths::Azure {
+                prefix: prefix.to_string(),
+                api_version: api_version.to_string(),
+            },
+        }
+    }
+
+    /// The request path for `op` on the endpoint's own `model` id.
+    pub fn get(&self, op: Operation, model: &str) -> std::borrow::Cow<'_, [u8]> {
+        use std::borrow::Cow;
+        match self {
+            Paths::Openai(p) => {
+                let i = Operation::ALL.iter().position(|o| *o == op).unwrap_or(0);
+                Cow::Borrowed(p.get(i).map_or(&b""[..], |b| &b[..]))
+            }
+            Paths::Anthropic(p) => Cow::Borrowed(&p[..]),
+            Paths::Azure {
+                prefix,
+                api_version,
+            } => Cow::Owned(
+                format!(
+                    "{prefix}/openai/deployments/{model}/{}?api-version={api_version}",
+                    op.azure_path()
+                )
+                .into_bytes(),
+            ),
+        }
+    }
+}
+
+/// `max_tokens` for endpoints that need one, when neither the app nor the
+/// class sets it.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gap allowed between two chunks of a streamed answer before the stream is
@@ -77,12 +130,14 @@ pub struct Endpoint {
     pub peer: HttpPeer,
     /// `Host` header value sent upstream.
     pub authority: HeaderValue,
-    /// Path the chat completion request is sent to.
-    pub chat_path: Bytes,
+    /// The API it speaks.
+    pub api: ApiKind,
+    /// Where each operation is sent.
+    pub paths: Paths,
     pub prices: Prices,
-    /// `Authorization` sent to the provider (see `credential`); sensitive,
-    /// so `Debug` does not show it.
-    pub authorization: Option<HeaderValue>,
+    /// The credential header sent to the provider (see `credential`); its
+    /// value is sensitive, so `Debug` does not show it.
+    pub credential: Option<(&'static str, HeaderValue)>,
     /// Concurrent requests this sidecar may have on the endpoint; 0: no limit.
     pub capacity: u32,
     /// Its own id for a logical model, where the two differ.
@@ -116,6 +171,11 @@ impl Endpoint {
             .iter()
             .find(|(logical, _)| logical == model)
             .map(|(_, id)| id.as_str())
+    }
+
+    /// Whether it offers `op`.
+    pub fn offers(&self, op: Operation) -> bool {
+        op == Operation::Chat || self.api.offers_completions_and_embeddings()
     }
 }
 
@@ -197,9 +257,15 @@ pub struct Class {
     pub degrade: Option<Degrade>,
     pub retry: Arc<Mutex<RetryBudget>>,
     pub counters: ClassCounters,
+    /// `max_tokens` for endpoints that need one when the app sets none.
+    pub default_max_tokens: u32,
     /// Counters per endpoint, by endpoint id.
     pairs: Vec<PairCounters>,
+    /// Routes for chat completions, by model.
     by_model: HashMap<String, Route>,
+    /// Routes for completions and embeddings: the same, over the endpoints
+    /// whose API offers them.
+    by_model_plain: HashMap<String, Route>,
 }
 
 impl Class {
@@ -234,6 +300,9 @@ pub enum RouteError<'a> {
     UnknownModel,
     /// Endpoints serve the model, but the class may use none of them.
     NoRoute,
+    /// The class may use endpoints for the model, but none whose API
+    /// offers the operation.
+    NotOffered,
 }
 
 /// Splits an endpoint URL into what resolution and the request need.
@@ -325,16 +394,39 @@ impl Table {
                 cached_input: e
                     .price_cached_input_per_mtok
                     .unwrap_or(e.price_input_per_mtok),
-                // Until the policy prices cache writes apart.
-                cache_write: e.price_input_per_mtok,
+                cache_write: e
+                    .price_cache_write_input_per_mtok
+                    .unwrap_or(e.price_input_per_mtok),
                 output: e.price_output_per_mtok,
             };
-            for p in [prices.input, prices.cached_input, prices.output] {
+            for p in [
+                prices.input,
+                prices.cached_input,
+                prices.cache_write,
+                prices.output,
+            ] {
                 if !p.is_finite() || p < 0.0 {
                     return Err(endpoint_err(&e.name, format!("invalid price {p}")));
                 }
             }
-            let authorization = crate::credential::resolve(&e.credential)
+            let api = match pb::ApiKind::try_from(e.api) {
+                Ok(pb::ApiKind::Openai) => ApiKind::Openai,
+                Ok(pb::ApiKind::Azure) => ApiKind::Azure,
+                Ok(pb::ApiKind::Anthropic) => ApiKind::Anthropic,
+                _ => {
+                    return Err(endpoint_err(
+                        &e.name,
+                        format!("unsupported API kind {}", e.api),
+                    ))
+                }
+            };
+            if api == ApiKind::Azure && e.api_version.is_empty() {
+                return Err(endpoint_err(
+                    &e.name,
+                    "an azure endpoint needs an api_version",
+                ));
+            }
+            let credential = crate::credential::resolve(api, &e.credential)
                 .map_err(|c| endpoint_err(&e.name, c.to_string()))?;
             let tier = match pb::Tier::try_from(e.tier) {
                 Ok(pb::Tier::Onprem) => "onprem",
@@ -342,12 +434,6 @@ impl Table {
                 Ok(pb::Tier::Fallback) => "fallback",
                 _ => return Err(endpoint_err(&e.name, format!("unknown tier {}", e.tier))),
             };
-            if pb::ApiKind::try_from(e.api) != Ok(pb::ApiKind::Openai) {
-                return Err(endpoint_err(
-                    &e.name,
-                    format!("unsupported API kind {}", e.api),
-                ));
-            }
             let mut model_ids: Vec<(String, String)> = e
                 .model_ids
                 .iter()
@@ -384,9 +470,10 @@ impl Table {
                 tier,
                 peer,
                 authority,
-                chat_path: Bytes::from(format!("{prefix}{CHAT_PATH}")),
+                api,
+                paths: Paths::new(api, &prefix, &e.api_version),
                 prices,
-                authorization,
+                credential,
                 capacity: e.capacity,
                 model_ids,
                 over_spend_budget: e.over_budget,
@@ -433,37 +520,46 @@ impl Table {
                     .get(*i)
                     .is_some_and(|e| e.models.iter().any(|x| x == m))
             };
-            let by_model = models
-                .iter()
-                .map(|m| {
-                    let weighted = || {
-                        weights
+            // The routes over the endpoints `usable` keeps, by model.
+            let routes = |usable: &dyn Fn(usize) -> bool| -> HashMap<String, Route> {
+                models
+                    .iter()
+                    .map(|m| {
+                        let weighted = || {
+                            weights
+                                .iter()
+                                .filter(|(i, _)| serves(i, m) && usable(*i))
+                                .filter_map(|(i, w)| Some((by_index(*i)?, *w)))
+                        };
+                        let choice = WeightedChoice::new(weighted());
+                        let top = weighted().map(|(_, w)| w).fold(0.0, f64::max);
+                        let local = WeightedChoice::new(
+                            weighted()
+                                .filter(|(_, w)| *w > 0.0 && *w >= top * 0.1)
+                                .map(|(e, _)| (e, 1.0)),
+                        );
+                        let chain = chain
                             .iter()
-                            .filter(|(i, _)| serves(i, m))
-                            .filter_map(|(i, w)| Some((by_index(*i)?, *w)))
-                    };
-                    let choice = WeightedChoice::new(weighted());
-                    let top = weighted().map(|(_, w)| w).fold(0.0, f64::max);
-                    let local = WeightedChoice::new(
-                        weighted()
-                            .filter(|(_, w)| *w > 0.0 && *w >= top * 0.1)
-                            .map(|(e, _)| (e, 1.0)),
-                    );
-                    let chain = chain
-                        .iter()
-                        .filter(|i| serves(i, m))
-                        .filter_map(|i| by_index(*i))
-                        .collect();
-                    (
-                        m.clone(),
-                        Route {
-                            choice,
-                            local,
-                            chain,
-                        },
-                    )
-                })
-                .collect();
+                            .filter(|i| serves(i, m) && usable(**i))
+                            .filter_map(|i| by_index(*i))
+                            .collect();
+                        (
+                            m.clone(),
+                            Route {
+                                choice,
+                                local,
+                                chain,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            let by_model = routes(&|_| true);
+            let by_model_plain = routes(&|i| {
+                endpoints
+                    .get(i)
+                    .is_some_and(|e| e.api.offers_completions_and_embeddings())
+            });
             let ms = |v: u32, default: Duration| {
                 if v == 0 {
                     default
@@ -521,6 +617,12 @@ impl Table {
                     .retry_budgets
                     .get(&c.name, c.retry_ratio, c.retry_min_per_second),
                 by_model,
+                by_model_plain,
+                default_max_tokens: if c.default_max_tokens == 0 {
+                    DEFAULT_MAX_TOKENS
+                } else {
+                    c.default_max_tokens
+                },
             });
         }
         let default_class = *class_index
@@ -546,11 +648,13 @@ impl Table {
         })
     }
 
-    /// The class (the named one, else the default) and its route for a model.
+    /// The class (the named one, else the default) and its route for a
+    /// model's `op`.
     pub fn route<'a>(
         &self,
         class: Option<&'a str>,
         model: &str,
+        op: Operation,
     ) -> Result<(&Class, &Route), RouteError<'a>> {
         let i = match class {
             Some(name) => *self
@@ -563,9 +667,15 @@ impl Table {
         if !self.models.contains(model) {
             return Err(RouteError::UnknownModel);
         }
-        match c.by_model.get(model) {
-            Some(r) if r.choice.is_some() || !r.chain.is_empty() => Ok((c, r)),
-            _ => Err(RouteError::NoRoute),
+        let routable = |r: &&Route| r.choice.is_some() || !r.chain.is_empty();
+        let any = c.by_model.get(model).filter(routable);
+        if op == Operation::Chat {
+            return any.map(|r| (c, r)).ok_or(RouteError::NoRoute);
+        }
+        match c.by_model_plain.get(model).filter(routable) {
+            Some(r) => Ok((c, r)),
+            None if any.is_some() => Err(RouteError::NotOffered),
+            None => Err(RouteError::NoRoute),
         }
     }
 
@@ -594,6 +704,7 @@ mod tests {
             credential: String::new(),
             over_budget: false,
             model_ids: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -662,31 +773,69 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_embeddings_route_only_to_apis_that_offer_them() {
+        let mut t = table();
+        // a (weighted, on-prem) speaks Anthropic's API, b OpenAI's.
+        t.endpoints[0].api = pb::ApiKind::Anthropic as i32;
+        let c = compile(&t).unwrap();
+        let (_, chat) = c.route(None, "m1", Operation::Chat).unwrap();
+        assert_eq!(names(&chat.chain), ["a", "b"]);
+        for op in [Operation::Embeddings, Operation::Completions] {
+            let (_, r) = c.route(None, "m1", op).unwrap();
+            assert!(r.choice.is_none(), "a's weight goes with it");
+            assert_eq!(names(&r.chain), ["b"]);
+            assert_eq!(
+                c.route(Some("onprem-only"), "m1", op).unwrap_err(),
+                RouteError::NotOffered
+            );
+        }
+        // An azure endpoint needs its api-version.
+        t.endpoints[1].api = pb::ApiKind::Azure as i32;
+        assert!(matches!(compile(&t), Err(TableError::Endpoint { name, .. }) if name == "b"));
+        t.endpoints[1].api_version = "2024-10-21".into();
+        let c = compile(&t).unwrap();
+        assert_eq!(
+            c.endpoints[1].paths.get(Operation::Embeddings, "dep-1"),
+            &b"/prefix/openai/deployments/dep-1/embeddings?api-version=2024-10-21"[..]
+        );
+    }
+
+    #[test]
     fn routes_by_class_and_model() {
         let t = table();
         let c = compile(&t).unwrap();
-        assert_eq!(c.endpoints[0].chat_path, "/prefix/v1/chat/completions");
+        assert_eq!(
+            c.endpoints[0].paths.get(Operation::Chat, "m1"),
+            &b"/prefix/v1/chat/completions"[..]
+        );
         assert_eq!(c.endpoints[0].authority, "127.0.0.1:1");
         assert_eq!(c.version_header, "3");
-        let (class, r) = c.route(None, "m1").unwrap();
+        let (class, r) = c.route(None, "m1", Operation::Chat).unwrap();
         assert_eq!(&*class.name, "std");
         assert_eq!(class.ttft_timeout, Duration::from_secs(5));
         assert_eq!(names(r.choice.as_ref().unwrap().endpoints()), ["a"]);
         assert_eq!(names(&r.chain), ["a", "b"]);
         assert_eq!(names(r.preferred()), ["a"]);
         // m2 is only on b, which has weight 0: the chain leads.
-        let (_, r) = c.route(None, "m2").unwrap();
+        let (_, r) = c.route(None, "m2", Operation::Chat).unwrap();
         assert!(r.choice.is_none());
         assert_eq!(names(&r.chain), ["b"]);
         assert_eq!(names(r.preferred()), ["b"]);
         assert_eq!(
-            c.route(Some("onprem-only"), "m2").unwrap_err(),
+            c.route(Some("onprem-only"), "m2", Operation::Chat)
+                .unwrap_err(),
             RouteError::NoRoute
         );
-        assert_eq!(c.route(None, "m3").unwrap_err(), RouteError::NoRoute);
-        assert_eq!(c.route(None, "zzz").unwrap_err(), RouteError::UnknownModel);
         assert_eq!(
-            c.route(Some("x"), "m1").unwrap_err(),
+            c.route(None, "m3", Operation::Chat).unwrap_err(),
+            RouteError::NoRoute
+        );
+        assert_eq!(
+            c.route(None, "zzz", Operation::Chat).unwrap_err(),
+            RouteError::UnknownModel
+        );
+        assert_eq!(
+            c.route(Some("x"), "m1", Operation::Chat).unwrap_err(),
             RouteError::UnknownClass("x")
         );
         let models: serde_json::Value = serde_json::from_slice(&c.models_json).unwrap();
@@ -738,12 +887,12 @@ mod tests {
         t.classes[0].routes[0].weight = 0.9;
         t.classes[0].routes[1].weight = 0.1;
         let c = compile(&t).unwrap();
-        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        let (_, r) = c.route(Some("std"), "m1", Operation::Chat).unwrap();
         assert_eq!(names(r.first_choice(true).unwrap().endpoints()), ["a", "b"]);
         // A standby share (under a tenth of the largest) stays out.
         t.classes[0].routes[1].weight = 0.05;
         let c = compile(&t).unwrap();
-        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        let (_, r) = c.route(Some("std"), "m1", Operation::Chat).unwrap();
         assert_eq!(names(r.first_choice(true).unwrap().endpoints()), ["a"]);
         assert_eq!(
             names(r.first_choice(false).unwrap().endpoints()),
@@ -753,7 +902,7 @@ mod tests {
         t.classes[0].routes[0].weight = 0.0;
         t.classes[0].routes[1].weight = 0.0;
         let c = compile(&t).unwrap();
-        let (_, r) = c.route(Some("std"), "m1").unwrap();
+        let (_, r) = c.route(Some("std"), "m1", Operation::Chat).unwrap();
         assert!(r.first_choice(true).is_none() && r.first_choice(false).is_none());
     }
 

@@ -220,8 +220,7 @@ mod tests {
                 tokens: Some(Tokens {
                     input: 10,
                     output: 20,
-                    cached_input: 0,
-                    cache_write: 0,
+                    ..Tokens::default()
                 }),
                 spend_usd: 0.5,
             });

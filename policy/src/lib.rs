@@ -103,10 +103,58 @@ impl Tier {
     }
 }
 
+/// The API an endpoint speaks. Apps always speak OpenAI's; the sidecar
+/// translates for the others.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ApiKind {
+    /// OpenAI's API, passed through (OpenAI, vLLM, SGLang, TGI, llama.cpp,
+    /// Ollama and the rest).
     Openai,
+    /// Azure OpenAI: deployment paths with `api-version`, the `api-key`
+    /// header; the models an endpoint lists (or maps to) are deployments.
+    Azure,
+    /// Anthropic's Messages API, translated both ways. Chat only.
+    Anthropic,
+}
+
+/// The `anthropic-version` header the sidecar (and the probes) send.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The Azure OpenAI `api-version` used when an endpoint names none.
+pub const AZURE_API_VERSION: &str = "2024-10-21";
+
+impl ApiKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKind::Openai => "openai",
+            ApiKind::Azure => "azure",
+            ApiKind::Anthropic => "anthropic",
+        }
+    }
+
+    /// The header that carries a provider key, and its value for `key`.
+    pub fn credential_header(self, key: &str) -> (&'static str, String) {
+        match self {
+            ApiKind::Openai => ("authorization", format!("Bearer {key}")),
+            ApiKind::Azure => ("api-key", key.to_string()),
+            ApiKind::Anthropic => ("x-api-key", key.to_string()),
+        }
+    }
+
+    /// Headers every request to such an endpoint carries.
+    pub fn fixed_headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            ApiKind::Anthropic => &[("anthropic-version", ANTHROPIC_VERSION)],
+            ApiKind::Openai | ApiKind::Azure => &[],
+        }
+    }
+
+    /// Whether it offers legacy completions and embeddings (Anthropic's
+    /// API has neither).
+    pub fn offers_completions_and_embeddings(self) -> bool {
+        !matches!(self, ApiKind::Anthropic)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -118,6 +166,11 @@ pub struct Price {
     /// when absent.
     #[serde(default)]
     pub cached_input_per_mtok: Option<f64>,
+    /// Prompt tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`, billed above the input price); the
+    /// input price when absent.
+    #[serde(default)]
+    pub cache_write_input_per_mtok: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -159,6 +212,29 @@ pub struct Endpoint {
     /// tokens; a path such as `/health` on vLLM.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// Azure OpenAI only: the `api-version` query parameter;
+    /// [`AZURE_API_VERSION`] when absent.
+    #[serde(default)]
+    pub api_version: Option<String>,
+}
+
+impl Endpoint {
+    /// The Azure `api-version` this endpoint is called with.
+    pub fn azure_api_version(&self) -> &str {
+        self.api_version.as_deref().unwrap_or(AZURE_API_VERSION)
+    }
+
+    /// What health probes ask for under `url`: the policy's `health_path`,
+    /// else the model list of the endpoint's API, which costs no tokens.
+    pub fn probe_path(&self) -> String {
+        match (&self.health_path, self.api) {
+            (Some(p), _) => p.clone(),
+            (None, ApiKind::Openai | ApiKind::Anthropic) => "/v1/models".into(),
+            (None, ApiKind::Azure) => {
+                format!("/openai/models?api-version={}", self.azure_api_version())
+            }
+        }
+    }
 }
 
 fn default_api() -> ApiKind {
@@ -211,6 +287,14 @@ pub struct Class {
     /// within its spend budget.
     #[serde(default)]
     pub degrade: Option<Degrade>,
+    /// `max_tokens` sent to endpoints that require one (Anthropic's) when
+    /// the app sets none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+}
+
+fn default_max_tokens() -> u32 {
+    4096
 }
 
 /// A class's retry budget: retries may add `ratio` of recent requests plus
@@ -432,10 +516,17 @@ impl Policy {
                     return err(at("health_path"), msg);
                 }
             }
+            if let Err((f, m)) = check_api(e) {
+                return err(at(f), m);
+            }
             for (f, v) in [
                 ("price.input_per_mtok", Some(e.price.input_per_mtok)),
                 ("price.output_per_mtok", Some(e.price.output_per_mtok)),
                 ("price.cached_input_per_mtok", e.price.cached_input_per_mtok),
+                (
+                    "price.cache_write_input_per_mtok",
+                    e.price.cache_write_input_per_mtok,
+                ),
             ] {
                 let Some(v) = v else { continue };
                 if !v.is_finite() || v < 0.0 {
@@ -456,6 +547,9 @@ impl Policy {
             let at = |f: &str| format!("classes[{i}].{f}");
             if !classes.insert(c.name.as_str()) {
                 return err(at("name"), format!("{:?} is used by another class", c.name));
+            }
+            if c.default_max_tokens == 0 {
+                return err(at("default_max_tokens"), "must be positive".into());
             }
             if c.ttft_timeout_ms == 0 || c.deadline_ms == 0 {
                 return err(at("deadline_ms"), "timeouts must be positive".into());
@@ -654,6 +748,46 @@ fn check_url(raw: &str) -> Result<(), String> {
 /// A health path is appended to the endpoint's URL as it stands, so it is
 /// a plain absolute path: no scheme or host (probes go to the endpoint
 /// itself), no query or fragment, nothing a URL would have to escape.
+/// What an endpoint's API kind asks of the rest of its fields: an Azure
+/// endpoint's models are deployment names, which go into its URL path, and
+/// its `api-version` into the query; no other kind has an `api-version`.
+fn check_api(e: &Endpoint) -> Result<(), (&'static str, String)> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    match e.api {
+        ApiKind::Azure => {
+            if let Some(v) = &e.api_version {
+                if !plain(v) {
+                    return Err(("api_version", format!("{v:?} is not an api-version")));
+                }
+            }
+            if let Some((_, d)) = e.models.pairs().find(|(_, d)| !plain(d)) {
+                return Err((
+                    "models",
+                    format!(
+                        "{d:?} cannot be an Azure deployment name (letters, digits, '-', '_', '.')"
+                    ),
+                ));
+            }
+        }
+        ApiKind::Openai | ApiKind::Anthropic => {
+            if e.api_version.is_some() {
+                return Err((
+                    "api_version",
+                    format!(
+                        "only azure endpoints have one, this one is {}",
+                        e.api.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_health_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') || p.starts_with("//") {
         return Err(format!("{p:?} must be an absolute path such as /health"));
@@ -767,6 +901,58 @@ classes:
         let p = Policy::parse(GOOD).expect("valid");
         assert_eq!(p.endpoints.len(), 2);
         assert_eq!(p.classes[0].deadline_ms, 120_000);
+    }
+
+    #[test]
+    fn api_kinds_check_their_own_fields_with_field_and_line() {
+        let azure = GOOD.replace(
+            "    tier: burst\n",
+            "    tier: burst\n    api: azure\n    api_version: 2024-10-21\n",
+        );
+        let p = Policy::parse(&azure).unwrap();
+        assert_eq!(p.endpoints[1].api, ApiKind::Azure);
+        assert_eq!(
+            p.endpoints[1].probe_path(),
+            "/openai/models?api-version=2024-10-21"
+        );
+        assert_eq!(p.endpoints[0].probe_path(), "/v1/models");
+        // A deployment name goes into the URL path.
+        let bad = azure.replace(
+            "models: [m]\n    price: { input_per_mtok: 1.0",
+            "models: { m: my/deploy }\n    price: { input_per_mtok: 1.0",
+        );
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[1].models", Some(13))
+        );
+        let bad = azure.replace("2024-10-21", "2024 10 21");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[1].api_version", Some(12))
+        );
+        // Only Azure endpoints have an api-version.
+        let bad = azure.replace("api: azure", "api: anthropic");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[1].api_version", Some(12))
+        );
+        let bad = GOOD.replace("tier: burst", "tier: burst\n    api: bedrock");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("endpoints[1].api", Some(11)));
+        assert_eq!(
+            ApiKind::Anthropic.credential_header("k"),
+            ("x-api-key", "k".to_string())
+        );
+        assert!(!ApiKind::Anthropic.offers_completions_and_embeddings());
+        let bad = GOOD.replace(
+            "  - name: standard\n",
+            "  - name: standard\n    default_max_tokens: 0\n",
+        );
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.field, "classes[0].default_max_tokens");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! (`messages` a non-empty list of objects with a `role`, token limits
 //! non-negative integers). The whole body is parsed, so malformed JSON is
 //! refused here, but nothing outside those fields is kept or allocated:
-//! prompts pass through as bytes.
+//! prompts pass through as bytes. Legacy completions (`prompt`) and
+//! embeddings (`input`) are read by the same parser (`parse_for`).
 //!
 //! Also the two rewrites the sidecar makes: asking for the usage chunk of a
 //! stream, and degrading a request (another model, capped `max_tokens`).
@@ -13,6 +14,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::operation::Operation;
 
 /// What the sidecar reads of a chat completion request.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +195,8 @@ enum Key {
     MaxCompletionTokens,
     IncludeUsage,
     Role,
+    Prompt,
+    Input,
     Other,
 }
 
@@ -206,6 +211,8 @@ impl Key {
             "max_completion_tokens" => Key::MaxCompletionTokens,
             "include_usage" => Key::IncludeUsage,
             "role" => Key::Role,
+            "prompt" => Key::Prompt,
+            "input" => Key::Input,
             _ => Key::Other,
         }
     }
@@ -220,6 +227,8 @@ impl Key {
             Key::MaxCompletionTokens => "max_completion_tokens",
             Key::IncludeUsage => "include_usage",
             Key::Role => "role",
+            Key::Prompt => "prompt",
+            Key::Input => "input",
             Key::Other => "",
         }
     }
@@ -365,6 +374,8 @@ struct Fields<'a> {
     stream_options: Option<StreamOptions<'a>>,
     max_tokens: Option<Seen<'a>>,
     max_completion_tokens: Option<Seen<'a>>,
+    prompt: Option<Seen<'a>>,
+    input: Option<Seen<'a>>,
     twice: Option<Key>,
 }
 
@@ -403,6 +414,8 @@ impl<'de> Visitor<'de> for FieldsSeed {
                 Key::MaxCompletionTokens => {
                     set(&mut f.max_completion_tokens, map.next_value()?, k, twice)
                 }
+                Key::Prompt => set(&mut f.prompt, map.next_value()?, k, twice),
+                Key::Input => set(&mut f.input, map.next_value()?, k, twice),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -436,13 +449,32 @@ impl<'de> Visitor<'de> for FieldsSeed {
 
 /// Reads and checks a chat completion request body.
 pub fn parse(body: &[u8]) -> Result<ChatRequest<'_>, Invalid> {
+    parse_for(Operation::Chat, body)
+}
+
+/// Reads and checks the request body of `op`: what is read is the same for
+/// every operation (`messages` stays 0 for those without); what must be
+/// there differs (`messages` for chat, `prompt` for completions, `input`
+/// for embeddings, which never stream).
+pub fn parse_for(op: Operation, body: &[u8]) -> Result<ChatRequest<'_>, Invalid> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let fields = FieldsSeed
         .deserialize(&mut de)
         .and_then(|f| de.end().map(|()| f))
         .map_err(Invalid::malformed)?
         .ok_or_else(|| Invalid::malformed("the body must be a JSON object"))?;
-    check(fields)
+    check(op, fields)
+}
+
+/// A required `prompt` or `input`: a string or an array (of strings or of
+/// token ids; what is inside is the provider's to check).
+fn text_or_list(key: Key, v: Option<Seen<'_>>) -> Result<(), Invalid> {
+    let name = key.name();
+    match v {
+        None | Some(Seen::Null) => Err(Invalid::missing(name)),
+        Some(Seen::Str(_) | Seen::Array) => Ok(()),
+        Some(other) => Err(Invalid::wrong_type(name, "a string or an array", &other)),
+    }
 }
 
 /// An optional non-negative integer parameter.
@@ -460,7 +492,7 @@ fn count(param: Key, v: Option<Seen<'_>>) -> Result<Option<u64>, Invalid> {
     }
 }
 
-fn check(f: Fields<'_>) -> Result<ChatRequest<'_>, Invalid> {
+fn check(op: Operation, f: Fields<'_>) -> Result<ChatRequest<'_>, Invalid> {
     if let Some(k) = f.twice {
         let name = k.name();
         return Err(Invalid::new(
@@ -482,6 +514,7 @@ fn check(f: Fields<'_>) -> Result<ChatRequest<'_>, Invalid> {
         Some(other) => return Err(Invalid::wrong_type("model", "a string", &other)),
     };
     let messages = match f.messages {
+        _ if op != Operation::Chat => 0,
         None | Some(Messages::NotList(Seen::Null)) => return Err(Invalid::missing("messages")),
         Some(Messages::NotList(other)) => {
             return Err(Invalid::wrong_type("messages", "an array", &other))
@@ -499,7 +532,15 @@ fn check(f: Fields<'_>) -> Result<ChatRequest<'_>, Invalid> {
         }) => return Err(message_fault(i, m)),
         Some(Messages::List { len, fault: None }) => len,
     };
+    match op {
+        Operation::Chat => {}
+        Operation::Completions => text_or_list(Key::Prompt, f.prompt)?,
+        Operation::Embeddings => text_or_list(Key::Input, f.input)?,
+    }
     let stream = match f.stream {
+        // Embeddings have no `stream`: whatever the app sent is the
+        // provider's to refuse, and the answer is read as one JSON body.
+        _ if !op.streams() => false,
         None | Some(Seen::Null) => false,
         Some(Seen::Bool(b)) => b,
         Some(other) => return Err(Invalid::wrong_type("stream", "a boolean", &other)),
@@ -622,6 +663,15 @@ pub fn rewrite(
         .map_err(Invalid::malformed)
 }
 
+/// The `model` of a request body of any operation, when it is a string.
+fn model_of(body: &[u8]) -> Option<Cow<'_, str>> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match FieldsSeed.deserialize(&mut de).ok()??.model? {
+        Seen::Str(m) => Some(m),
+        _ => None,
+    }
+}
+
 /// The body with its `model` replaced by the endpoint's own id for it,
 /// when `id_for` has one: the value is spliced in place when the body
 /// spells the model without escapes (the usual case: one copy of the body,
@@ -632,9 +682,9 @@ pub fn map_model<'i>(
     body: &[u8],
     id_for: impl FnOnce(&str) -> Option<&'i str>,
 ) -> Option<bytes::Bytes> {
-    let request = parse(body).ok()?;
-    let id = id_for(&request.model)?;
-    if let Cow::Borrowed(m) = request.model {
+    let model = model_of(body)?;
+    let id = id_for(&model)?;
+    if let Cow::Borrowed(m) = model {
         // A borrowed model is a slice of `body`: its offset is where the
         // value's text starts, between its quotes.
         let start = (m.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;

@@ -60,6 +60,8 @@ impl Tokens {
 #[derive(Deserialize)]
 struct UsageJson {
     prompt_tokens: u64,
+    /// Absent from embeddings' usage.
+    #[serde(default)]
     completion_tokens: u64,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
@@ -592,6 +594,17 @@ mod tests {
         ));
         assert_eq!(&out[..], b"data: [DONE]\n\n");
         assert_eq!(s.finish(), Some(t(2, 9, 0)));
+    }
+
+    #[test]
+    fn an_embeddings_usage_has_no_completion_tokens() {
+        let answer = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let want = Tokens {
+            input: 8,
+            ..Tokens::default()
+        };
+        assert_eq!(of_answer(answer), Some(want));
+        assert_eq!(of_answer_parsed(answer), Some(want));
     }
 
     #[test]

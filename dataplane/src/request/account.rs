@@ -14,8 +14,13 @@ use crate::usage::Outcome;
 /// A failed attempt: telemetry, local outlier detection, and throttling
 /// after a 429.
 pub fn attempt_failed(ep: &Endpoint, e: &AttemptError, took: Duration, outlier: &OutlierPolicy) {
+    let Some(kind) = e.kind() else {
+        // Nothing reached the endpoint: its health is not in question.
+        tracing::debug!(endpoint = %ep.name, error = %e, "attempt not made");
+        return;
+    };
     let now = Instant::now();
-    ep.state.usage.record(&Outcome::failed(e.kind(), took));
+    ep.state.usage.record(&Outcome::failed(kind, took));
     if let AttemptError::Status {
         status: 429,
         retry_after,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use switchyard_wire::operation::Operation;
 
 use super::errors::RequestError;
 use super::intake::route_error;
@@ -136,6 +137,9 @@ pub fn room(route: &Route, now: Instant) -> bool {
 pub struct Admitted<'t> {
     pub route: &'t Route,
     pub body: Bytes,
+    /// The model the body asks for: the app's, or the one a degradation
+    /// chose.
+    pub model: &'t str,
     /// Only a request whose `max_tokens` was capped for it may go to an
     /// endpoint over its spend budget: that is what capping is for.
     pub may_exceed_spend: bool,
@@ -146,10 +150,13 @@ pub struct Admitted<'t> {
 /// Runs admission for a request of `class` on `route`: decides, degrades
 /// at most once, and waits in `queue` (until `queue_until`) while every
 /// endpoint is at capacity.
+#[allow(clippy::too_many_arguments)]
 pub async fn enter<'t>(
     table: &'t Table,
     class: &'t Class,
+    op: Operation,
     route: &'t Route,
+    model: &'t str,
     body: Bytes,
     queue: &Admission,
     queue_until: tokio::time::Instant,
@@ -157,6 +164,7 @@ pub async fn enter<'t>(
     let mut a = Admitted {
         route,
         body,
+        model,
         may_exceed_spend: false,
         degraded: None,
     };
@@ -190,14 +198,19 @@ pub async fn enter<'t>(
                 match action {
                     Degrade::Model(m) => {
                         a.route = table
-                            .route(Some(&class.name), m)
-                            .map_err(|e| route_error(e, m))?
+                            .route(Some(&class.name), m, op)
+                            .map_err(|e| route_error(e, m, op))?
                             .1;
+                        a.model = m;
                         a.body = switchyard_wire::chat::rewrite(&a.body, Some(m), None)?;
                     }
                     Degrade::MaxTokens(n) => {
                         a.may_exceed_spend = true;
-                        a.body = switchyard_wire::chat::rewrite(&a.body, None, Some(*n))?;
+                        // Embeddings produce no tokens to cap, and have no
+                        // `max_tokens` a provider would accept.
+                        if op != Operation::Embeddings {
+                            a.body = switchyard_wire::chat::rewrite(&a.body, None, Some(*n))?;
+                        }
                     }
                     Degrade::Reject(_) => {}
                 }

@@ -7,8 +7,9 @@
 //! body it has already read (LLM prompts are often larger), and because an
 //! attempt only counts as answered once its first token arrived: until then
 //! a failure can still move to another endpoint without the app seeing
-//! anything. Provider translation (another API's request shape) plugs in
-//! where the upstream request is built.
+//! anything. The request is built here in the endpoint's API: its path
+//! (Azure's deployment paths), its credential header, its own model id, and
+//! for Anthropic's Messages API a translated body.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,6 +29,9 @@ use crate::retry::RetryBudget;
 use crate::shed::Admission;
 use crate::table::Endpoint;
 use crate::usage::ErrorKind;
+use switchyard_policy::ApiKind;
+use switchyard_wire::operation::Operation;
+use switchyard_wire::usage::Tokens;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AttemptError {
@@ -46,17 +50,24 @@ pub enum AttemptError {
         status: u16,
         retry_after: Option<Duration>,
     },
+    /// The request cannot be said in the endpoint's API (e.g. `n` > 1 for
+    /// Anthropic's); another endpoint may take it as it is.
+    #[error("the request cannot be translated for this endpoint: {0}")]
+    Untranslatable(String),
 }
 
 impl AttemptError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
+    /// The failure as the endpoint's health counts it; `None` when the
+    /// endpoint is not at fault (nothing was sent to it).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        Some(match self {
             AttemptError::Connect(_) => ErrorKind::Connect,
             AttemptError::Timeout(_) => ErrorKind::Timeout,
             AttemptError::Broken { .. } => ErrorKind::Broken,
             AttemptError::Status { status: 429, .. } => ErrorKind::Status429,
             AttemptError::Status { .. } => ErrorKind::Status5xx,
-        }
+            AttemptError::Untranslatable(_) => return None,
+        })
     }
 
     /// Failed on a pooled connection the provider had closed.
@@ -74,7 +85,12 @@ pub struct Opened {
     pub header: ResponseHeader,
     pub first: Option<Bytes>,
     pub ttft: Duration,
+    /// The usage of an answer translated whole here (see [`translate_whole`]).
+    pub tokens: Option<Tokens>,
 }
+
+/// A whole answer held for translation may be at most this long.
+const MAX_TRANSLATED: usize = 16 << 20;
 
 /// One in-flight slot on an endpoint; frees a queued request when dropped.
 pub struct Slot<'a> {
@@ -111,6 +127,11 @@ pub struct Attempt<'a, 'r> {
     pub retry: &'a Mutex<RetryBudget>,
     /// The app's request header, as it came.
     pub app: &'r RequestHeader,
+    pub op: Operation,
+    /// The (logical) model the body asks for.
+    pub model: &'r str,
+    /// `max_tokens` for APIs that require one, when the body has none.
+    pub default_max_tokens: u32,
     pub body: &'r Bytes,
     pub ttft: Duration,
     pub deadline: Instant,
@@ -125,18 +146,41 @@ impl<'a> Attempt<'a, '_> {
         let slot = Slot::take(&ep.state, self.queue);
         let start = Instant::now();
         let ttft_deadline = (start + self.ttft).min(self.deadline);
-        // The endpoint's own name for the model, if it has one: a copy of
-        // the body for the endpoints that need it, none for the others.
-        let mapped = if ep.model_ids.is_empty() {
-            None
-        } else {
-            switchyard_wire::chat::map_model(self.body, |m| ep.model_id(m))
+        let request = match self.request_for(ep) {
+            Ok(r) => r,
+            Err(e) => return Err((e, start.elapsed())),
         };
-        let request = upstream_request(self.app, ep, mapped.as_deref().unwrap_or(self.body));
         match open(self.connections, ep, request, start, ttft_deadline).await {
             Ok(o) => Ok((o, slot)),
             Err(e) => Err((e, start.elapsed())),
         }
+    }
+}
+
+impl Attempt<'_, '_> {
+    /// The request for `ep`, in its API.
+    fn request_for(&self, ep: &Endpoint) -> Result<BytesMut, AttemptError> {
+        let id = ep.model_id(self.model).unwrap_or(self.model);
+        let path = ep.paths.get(self.op, id);
+        let body = match ep.api {
+            // The endpoint's own name for the model, if it has one: a copy
+            // of the body for the endpoints that need it, none for the
+            // others. Azure reads the model from the deployment path.
+            ApiKind::Openai if !ep.model_ids.is_empty() => {
+                switchyard_wire::chat::map_model(self.body, |m| ep.model_id(m))
+            }
+            ApiKind::Openai | ApiKind::Azure => None,
+            ApiKind::Anthropic => Some(
+                switchyard_wire::anthropic::request(self.body, id, self.default_max_tokens)
+                    .map_err(|e| AttemptError::Untranslatable(e.to_string()))?,
+            ),
+        };
+        Ok(upstream_request(
+            self.app,
+            ep,
+            &path,
+            body.as_deref().unwrap_or(self.body),
+        ))
     }
 }
 
@@ -220,24 +264,94 @@ async fn open(
                 reason: e.to_string(),
                 stale: false,
             })?;
-        Ok::<_, AttemptError>((session, first))
+        let whole =
+            ep.api == ApiKind::Anthropic && !session.resp_header().is_some_and(is_event_stream);
+        if whole {
+            let status = session.resp_header().map_or(0, |h| h.status.as_u16());
+            let t = translate_whole(&mut session, status, first).await?;
+            return Ok::<_, AttemptError>((session, None, Some(t)));
+        }
+        Ok::<_, AttemptError>((session, first, None))
     };
-    let (session, first) = fast_timeout(wait, exchange)
+    let (session, first, translated) = fast_timeout(wait, exchange)
         .await
         .map_err(|_| AttemptError::Timeout(wait))??;
-    let header = session
+    let mut header = session
         .resp_header()
         .cloned()
         .ok_or_else(|| AttemptError::Broken {
             reason: "no response header".into(),
             stale: false,
         })?;
+    let (first, tokens) = match translated {
+        Some((body, tokens)) => {
+            header
+                .insert_header(header::CONTENT_TYPE, "application/json")
+                .map_err(|e| AttemptError::Broken {
+                    reason: e.to_string(),
+                    stale: false,
+                })?;
+            (Some(body), tokens)
+        }
+        None => (first, None),
+    };
     Ok(Opened {
         session,
         header,
         first,
         ttft: started.elapsed(),
+        tokens,
     })
+}
+
+/// Seconds since the epoch, for the `created` of a translated answer.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether an answer is an event stream.
+pub fn is_event_stream(h: &ResponseHeader) -> bool {
+    h.headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// An answer from an endpoint of another API that is not a stream (a
+/// whole answer, or an error), read to its end and translated to OpenAI's
+/// shape, with its usage. In the attempt rather than the relay: until the
+/// app sees a byte, a provider that breaks off or answers what cannot be
+/// translated is one more failed attempt, and the next endpoint may answer.
+async fn translate_whole(
+    session: &mut HttpSession,
+    status: u16,
+    first: Option<Bytes>,
+) -> Result<(Bytes, Option<Tokens>), AttemptError> {
+    let broken = |reason: String| AttemptError::Broken {
+        reason,
+        stale: false,
+    };
+    let mut body = BytesMut::from(first.as_deref().unwrap_or_default());
+    while let Some(chunk) = session
+        .read_body_bytes()
+        .await
+        .map_err(|e| broken(e.to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_TRANSLATED {
+            return Err(broken(format!(
+                "an answer to translate is longer than {MAX_TRANSLATED} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if (200..300).contains(&status) {
+        let (json, tokens) = switchyard_wire::anthropic::answer(&body, unix_now())
+            .map_err(|e| broken(format!("the answer cannot be translated: {e}")))?;
+        Ok((json, Some(tokens)))
+    } else {
+        Ok((switchyard_wire::anthropic::error_body(status, &body), None))
+    }
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from providers and
@@ -291,28 +405,36 @@ pub fn connection_lists(headers: &http::HeaderMap, name: &str) -> bool {
 /// Whether the app's header `name` is copied to the provider: not
 /// hop-by-hop, not the sidecar's own, and not the app's credentials, which
 /// never reach a provider. `accept-encoding` neither: the sidecar reads
-/// usage from the answer, so it asks for it uncompressed.
+/// usage from the answer, so it asks for it uncompressed. Nor the body's
+/// type, or an API version: the sidecar sets both for the endpoint's API.
 fn forwarded(name: &str, app: &http::HeaderMap, has_connection: bool) -> bool {
     !(is_hop_header(name)
         || name.starts_with("x-switchyard-")
-        || name == "authorization"
-        || name == "api-key"
-        || name == "accept-encoding"
+        || matches!(
+            name,
+            "authorization"
+                | "api-key"
+                | "x-api-key"
+                | "accept-encoding"
+                | "content-type"
+                | "anthropic-version"
+        )
         || (has_connection && connection_lists(app, name)))
 }
 
 /// The request to send to `ep`, serialised whole: the request line with
-/// the endpoint's path, its host, the app's headers that may be forwarded,
-/// the body's length, the endpoint's credential, and the body. Header
-/// names and values are what `http` validated (no CR or LF can be in them);
-/// the path comes from the endpoint's parsed URL.
-pub fn upstream_request(app: &RequestHeader, ep: &Endpoint, body: &[u8]) -> BytesMut {
+/// `path`, the endpoint's host, the body's type, the app's headers that may
+/// be forwarded, the endpoint's credential and API headers, the body's
+/// length, and the body. Header names and values are what `http` validated
+/// (no CR or LF can be in them); the path comes from the endpoint's parsed
+/// URL and the policy's checked model ids.
+pub fn upstream_request(app: &RequestHeader, ep: &Endpoint, path: &[u8], body: &[u8]) -> BytesMut {
     let mut out = BytesMut::with_capacity(256 + body.len() + 32 * app.headers.len());
     out.extend_from_slice(b"POST ");
-    out.extend_from_slice(&ep.chat_path);
+    out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(ep.authority.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
     let has_connection = app.headers.contains_key(header::CONNECTION);
     for (name, value) in app.headers.iter() {
         if forwarded(name.as_str(), &app.headers, has_connection) {
@@ -322,10 +444,17 @@ pub fn upstream_request(app: &RequestHeader, ep: &Endpoint, body: &[u8]) -> Byte
             out.extend_from_slice(b"\r\n");
         }
     }
-    if let Some(auth) = &ep.authorization {
-        out.extend_from_slice(b"authorization: ");
-        out.extend_from_slice(auth.as_bytes());
+    let header = |out: &mut BytesMut, name: &str, value: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    };
+    if let Some((name, value)) = &ep.credential {
+        header(&mut out, name, value.as_bytes());
+    }
+    for (name, value) in ep.api.fixed_headers() {
+        header(&mut out, name, value.as_bytes());
     }
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
@@ -358,6 +487,8 @@ mod tests {
             ("x-request-id", "r1"),
             ("accept-encoding", "gzip"),
             ("te", "trailers"),
+            ("x-api-key", "app-key"),
+            ("anthropic-version", "2020-01-01"),
         ]);
         let has = a.headers.contains_key("connection");
         let kept: Vec<&str> = a
@@ -366,10 +497,10 @@ mod tests {
             .map(|k| k.as_str())
             .filter(|k| forwarded(k, &a.headers, has))
             .collect();
-        assert_eq!(kept, ["content-type", "x-request-id"]);
+        assert_eq!(kept, ["x-request-id"]);
     }
 
-    fn endpoint(auth: Option<&str>) -> Endpoint {
+    fn endpoint(api: ApiKind, key: Option<&str>) -> Endpoint {
         let name: std::sync::Arc<str> = std::sync::Arc::from("gpu");
         Endpoint {
             id: 0,
@@ -381,9 +512,13 @@ mod tests {
                 String::new(),
             ),
             authority: http::HeaderValue::from_static("gpu.internal:8000"),
-            chat_path: Bytes::from_static(b"/openai/v1/chat/completions"),
+            api,
+            paths: crate::table::Paths::new(api, "/openai", "2024-10-21"),
             prices: Default::default(),
-            authorization: auth.map(|a| http::HeaderValue::from_str(a).unwrap()),
+            credential: key.map(|k| {
+                let (name, value) = api.credential_header(k);
+                (name, http::HeaderValue::from_str(&value).unwrap())
+            }),
             capacity: 0,
             model_ids: Vec::new(),
             over_spend_budget: false,
@@ -404,7 +539,9 @@ mod tests {
             ("x-request-id", "r1"),
         ]);
         let body = br#"{"model":"m"}"#;
-        let req = upstream_request(&a, &endpoint(Some("Bearer sk-provider")), body);
+        let ep = endpoint(ApiKind::Openai, Some("sk-provider"));
+        let path = ep.paths.get(Operation::Chat, "m");
+        let req = upstream_request(&a, &ep, &path, body);
         let text = String::from_utf8(req.to_vec()).unwrap();
         let (head, sent_body) = text.split_once("\r\n\r\n").unwrap();
         assert_eq!(sent_body.as_bytes(), body);
@@ -434,8 +571,38 @@ mod tests {
         );
         assert_eq!(req.len() - len, body.len());
         // Without a credential the app's is still not forwarded.
-        let req = upstream_request(&a, &endpoint(None), body);
+        let req = upstream_request(&a, &endpoint(ApiKind::Openai, None), &path, body);
         assert!(!String::from_utf8_lossy(&req).contains("authorization"));
+    }
+
+    /// The request line and headers of a request to `ep` for `op`.
+    fn head_for(api: ApiKind, op: Operation, model: &str) -> Vec<String> {
+        let ep = endpoint(api, Some("sk-p"));
+        let path = ep.paths.get(op, model);
+        let req = upstream_request(&app(&[("authorization", "Bearer app")]), &ep, &path, b"{}");
+        let text = String::from_utf8(req.to_vec()).unwrap();
+        let (head, _) = text.split_once("\r\n\r\n").unwrap();
+        head.split("\r\n").map(str::to_string).collect()
+    }
+
+    #[test]
+    fn each_api_gets_its_own_path_credential_header_and_version() {
+        assert_eq!(
+            head_for(ApiKind::Openai, Operation::Embeddings, "e")[0],
+            "POST /openai/v1/embeddings HTTP/1.1"
+        );
+        let azure = head_for(ApiKind::Azure, Operation::Completions, "gpt-35-prod");
+        assert_eq!(
+            azure[0],
+            "POST /openai/openai/deployments/gpt-35-prod/completions?api-version=2024-10-21 HTTP/1.1"
+        );
+        assert!(azure.contains(&"api-key: sk-p".to_string()), "{azure:?}");
+        assert!(!azure.iter().any(|h| h.starts_with("authorization")));
+        let anthropic = head_for(ApiKind::Anthropic, Operation::Chat, "claude");
+        assert_eq!(anthropic[0], "POST /openai/v1/messages HTTP/1.1");
+        assert!(anthropic.contains(&"x-api-key: sk-p".to_string()));
+        assert!(anthropic.contains(&"anthropic-version: 2023-06-01".to_string()));
+        assert!(!anthropic.iter().any(|h| h.starts_with("authorization")));
     }
 
     #[test]
@@ -455,21 +622,25 @@ mod tests {
 
     #[test]
     fn error_kinds_are_what_the_control_plane_weighs() {
-        assert_eq!(AttemptError::Connect("x".into()).kind(), ErrorKind::Connect);
+        assert_eq!(
+            AttemptError::Connect("x".into()).kind(),
+            Some(ErrorKind::Connect)
+        );
         assert_eq!(
             AttemptError::Timeout(Duration::ZERO).kind(),
-            ErrorKind::Timeout
+            Some(ErrorKind::Timeout)
         );
+        assert_eq!(AttemptError::Untranslatable("n".into()).kind(), None);
         let s = |status| AttemptError::Status {
             status,
             retry_after: None,
         };
-        assert_eq!(s(429).kind(), ErrorKind::Status429);
-        assert_eq!(s(503).kind(), ErrorKind::Status5xx);
+        assert_eq!(s(429).kind(), Some(ErrorKind::Status429));
+        assert_eq!(s(503).kind(), Some(ErrorKind::Status5xx));
         let stale = AttemptError::Broken {
             reason: "reset".into(),
             stale: true,
         };
-        assert!(stale.stale() && stale.kind() == ErrorKind::Broken);
+        assert!(stale.stale() && stale.kind() == Some(ErrorKind::Broken));
     }
 }

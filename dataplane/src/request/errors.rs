@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchyard_wire::chat::Invalid;
 use switchyard_wire::error::ApiError;
+use switchyard_wire::operation::Operation;
 
 use super::admit::Why;
 use super::attempt::AttemptError;
@@ -31,6 +32,8 @@ pub enum RequestError {
     UnknownModel(String),
     #[error("no endpoint allowed for this request class serves `{0}`")]
     NoRoute(String),
+    #[error("no endpoint this request class may use for `{model}` offers {}: their APIs do not have it", op.label())]
+    NotOffered { op: Operation, model: String },
     #[error(
         "every endpoint class `{class}` may use now is over its spend budget for the last hour"
     )]
@@ -86,6 +89,7 @@ impl RequestError {
             RequestError::UnknownClass(_) => invalid(400).code("unknown_class"),
             RequestError::UnknownModel(_) => invalid(404).code("model_not_found").param("model"),
             RequestError::NoRoute(_) => server(503).code("no_route"),
+            RequestError::NotOffered { .. } => invalid(400).code("operation_not_offered"),
             RequestError::OverSpendBudget { .. } => server(503).code("over_budget"),
             RequestError::Rejected { .. } => server(503).code("degraded_reject"),
             RequestError::Shed { .. } => ApiError::new(429, "rate_limit_error", message)
@@ -100,6 +104,7 @@ impl RequestError {
                     .code("upstream_rate_limited")
                     .retry_after(retry_after.map_or(1, |d| d.as_secs().max(1))),
                 AttemptError::Connect(_) => server(503).code("upstream_unavailable"),
+                AttemptError::Untranslatable(_) => invalid(400).code("untranslatable_request"),
                 _ => server(502).code("upstream_error"),
             },
             RequestError::MethodNotAllowed { .. } => invalid(405),

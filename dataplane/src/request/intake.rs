@@ -1,6 +1,7 @@
 //! Intake, the first stage: read the app's request body, bounded in size
 //! and in time, read the sidecar's own headers, and check the body
-//! (`switchyard_wire::chat`). Then the request's class and route.
+//! (`switchyard_wire::chat`, for the operation asked for). Then the
+//! request's class and its route for that operation.
 //!
 //! Nothing here reaches a provider: a request that fails intake is answered
 //! 4xx in OpenAI's shape before any endpoint is called.
@@ -11,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
+use switchyard_wire::operation::Operation;
 
 use super::errors::RequestError;
 use super::Stop;
@@ -141,20 +143,27 @@ pub async fn read_body(session: &mut Session, limits: &Limits) -> Result<Bytes, 
 }
 
 /// The request's class (the one asked for, else the table's default) and
-/// its route for the model.
+/// its route for the model's `op`.
 pub fn classify<'t>(
     table: &'t Table,
     class: Option<&str>,
     model: &str,
+    op: Operation,
 ) -> Result<(&'t Class, &'t Route), RequestError> {
-    table.route(class, model).map_err(|e| route_error(e, model))
+    table
+        .route(class, model, op)
+        .map_err(|e| route_error(e, model, op))
 }
 
-pub fn route_error(e: RouteError<'_>, model: &str) -> RequestError {
+pub fn route_error(e: RouteError<'_>, model: &str, op: Operation) -> RequestError {
     match e {
         RouteError::UnknownClass(c) => RequestError::UnknownClass(c.to_string()),
         RouteError::UnknownModel => RequestError::UnknownModel(model.to_string()),
         RouteError::NoRoute => RequestError::NoRoute(model.to_string()),
+        RouteError::NotOffered => RequestError::NotOffered {
+            op,
+            model: model.to_string(),
+        },
     }
 }
 

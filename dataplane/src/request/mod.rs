@@ -1,4 +1,5 @@
-//! The request path for chat completions, one stage per module:
+//! The request path for chat completions, completions and embeddings, one
+//! stage per module:
 //!
 //! 1. [`intake`]: read the body (bounded in size and time) and the
 //!    sidecar's headers, check the request, find its class and route;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
 use pingora::proxy::Session;
+use switchyard_wire::operation::Operation;
 use tokio::time::Instant;
 
 use self::attempt::{Attempt, AttemptError, Opened, Slot};
@@ -57,13 +59,14 @@ impl From<switchyard_wire::chat::Invalid> for Stop {
     }
 }
 
-/// Serves one chat completion request: an answer or an error, always.
+/// Serves one request for `op`: an answer or an error, always.
 pub async fn serve(
     sc: &Sidecar,
+    op: Operation,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> pingora::Result<()> {
-    match chat(sc, session, ctx).await {
+    match run(sc, op, session, ctx).await {
         Ok(()) => Ok(()),
         Err(Stop::Answer(e)) => {
             if e.closes_connection() {
@@ -75,14 +78,19 @@ pub async fn serve(
     }
 }
 
-async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Stop> {
+async fn run(
+    sc: &Sidecar,
+    op: Operation,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), Stop> {
     // 1. Intake.
     let body = intake::read_body(session, &sc.limits).await?;
-    let request = switchyard_wire::chat::parse(&body)?;
+    let request = switchyard_wire::chat::parse_for(op, &body)?;
     let app = intake::headers(session.req_header())?;
     let table = sc.tables.load_full().ok_or(RequestError::NotReady)?;
     ctx.table = Some(table.clone());
-    let (class, route) = intake::classify(&table, app.class, &request.model)?;
+    let (class, route) = intake::classify(&table, app.class, &request.model, op)?;
     ctx.class = Some(class.index);
     let started = Instant::now();
     let deadline = started
@@ -93,21 +101,32 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
 
     // 2. Admission.
     let queue_until = (started + class.ttft_timeout).min(deadline);
-    let admitted =
-        match admit::enter(&table, class, route, body.clone(), &sc.queue, queue_until).await {
-            Ok(a) => a,
-            Err(e) => {
-                if let RequestError::Rejected { .. } = e {
-                    // Refusing is the class's degradation: the app is told so.
-                    ctx.degraded = class.degrade.as_ref().map(crate::table::Degrade::label);
-                }
-                return Err(e.into());
+    let admitted = match admit::enter(
+        &table,
+        class,
+        op,
+        route,
+        &request.model,
+        body.clone(),
+        &sc.queue,
+        queue_until,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            if let RequestError::Rejected { .. } = e {
+                // Refusing is the class's degradation: the app is told so.
+                ctx.degraded = class.degrade.as_ref().map(crate::table::Degrade::label);
             }
-        };
+            return Err(e.into());
+        }
+    };
     ctx.degraded = admitted.degraded;
     // Ask for the usage chunk on the app's behalf, so streams are
     // accounted; the relay takes it out again.
     let strip_usage = stream && include_usage != Some(true);
+    let model = admitted.model;
     let body = if strip_usage {
         switchyard_wire::chat::ask_usage(&admitted.body, include_usage.is_some())?
     } else {
@@ -122,6 +141,9 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         metrics: &sc.metrics,
         retry: &class.retry,
         app: session.req_header(),
+        op,
+        model,
+        default_max_tokens: class.default_max_tokens,
         body: &body,
         ttft: class.ttft_timeout,
         deadline,
@@ -170,6 +192,7 @@ async fn chat(sc: &Sidecar, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         deadline,
         inter_token: class.inter_token_timeout,
         strip_usage,
+        api: ep.api,
     };
     let (result, relayed, reusable) = relay::relay(session, opened, &stamp, how).await;
 

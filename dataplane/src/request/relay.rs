@@ -4,6 +4,10 @@
 //! already readable are joined into one write, the usage is read on the
 //! way, and the usage chunk the sidecar asked for is taken out again.
 //!
+//! A stream from an endpoint of another API (Anthropic's) is translated on
+//! the way, event by event as they arrive, so the app only ever sees
+//! OpenAI's shapes (a whole answer was translated by the attempt).
+//!
 //! After the first byte a failure cannot move to another endpoint: a
 //! stream then ends with an SSE error event, any other body is cut before
 //! its declared end, never silently truncated.
@@ -18,10 +22,12 @@ use pingora::protocols::http::v1::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
 use pingora::{Error, ErrorType};
+use switchyard_policy::ApiKind;
+use switchyard_wire::anthropic;
 use switchyard_wire::usage::{Tokens, UsageScan};
 use tokio::time::Instant;
 
-use super::attempt::{connection_lists, is_hop_header, Opened};
+use super::attempt::{connection_lists, is_event_stream, is_hop_header, Opened};
 use super::errors::stream_interrupted;
 use super::Stop;
 use crate::usage::ErrorKind;
@@ -34,6 +40,72 @@ pub struct Relay {
     pub inter_token: Duration,
     /// The sidecar asked for the usage chunk; the app must not see it.
     pub strip_usage: bool,
+    /// The endpoint's API: anything but OpenAI's is translated.
+    pub api: ApiKind,
+}
+
+/// What the app is sent of each read of the answer: the read itself, or
+/// its translation, with the usage read (and its chunk taken out) on the
+/// way.
+struct Pass {
+    from: Option<anthropic::Stream>,
+    scan: UsageScan,
+    /// Tokens of an answer translated whole (with what OpenAI's usage
+    /// cannot say, such as cache writes).
+    tokens: Option<Tokens>,
+}
+
+impl Pass {
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.from {
+            Some(t) => {
+                let out = t.push(chunk);
+                if out.is_empty() {
+                    out
+                } else {
+                    self.scan.pass(out)
+                }
+            }
+            None => self.scan.pass(chunk),
+        }
+    }
+
+    fn end(&mut self) -> Bytes {
+        let rest = match &mut self.from {
+            Some(t) => {
+                let rest = t.end();
+                if rest.is_empty() {
+                    rest
+                } else {
+                    self.scan.pass(rest)
+                }
+            }
+            None => Bytes::new(),
+        };
+        let held = self.scan.end();
+        match (rest.is_empty(), held.is_empty()) {
+            (_, true) => rest,
+            (true, false) => held,
+            (false, false) => Bytes::from([rest, held].concat()),
+        }
+    }
+
+    /// Why a translated stream that ended cleanly still failed: the
+    /// provider sent an error event, or stopped before its last event.
+    fn unfinished(&self) -> Option<String> {
+        let t = self.from.as_ref()?;
+        match t.failed() {
+            Some(m) => Some(format!("the provider ended the stream with an error: {m}")),
+            None if !t.complete() => Some("the provider ended the stream early".into()),
+            None => None,
+        }
+    }
+
+    fn finish(self) -> Option<Tokens> {
+        let from = self.from.as_ref().and_then(anthropic::Stream::tokens);
+        let scanned = self.scan.finish();
+        self.tokens.or(from).or(scanned)
+    }
 }
 
 /// The response headers the sidecar adds.
@@ -133,7 +205,7 @@ const COALESCE_MAX_BYTES: usize = 64 * 1024;
 /// joined bytes and, when the last read ended the body or failed, its result.
 fn coalesce(
     up: &mut HttpSession,
-    scan: &mut UsageScan,
+    pass: &mut Pass,
     out: Bytes,
 ) -> (Bytes, Option<pingora::Result<Option<Bytes>>>) {
     let mut joined: Option<BytesMut> = None;
@@ -147,7 +219,7 @@ fn coalesce(
         match up.read_body_bytes().now_or_never() {
             None => break,
             Some(Ok(Some(chunk))) => {
-                let more = scan.pass(chunk);
+                let more = pass.pass(chunk);
                 if !more.is_empty() {
                     joined
                         .get_or_insert_with(|| {
@@ -183,16 +255,20 @@ pub async fn relay(
         header: up_header,
         mut first,
         ttft,
+        tokens,
     } = opened;
     let attempt_start = Instant::now() - ttft;
-    let sse = up_header
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let mut scan = if sse {
-        UsageScan::sse(how.strip_usage)
-    } else {
-        UsageScan::json()
+    let sse = is_event_stream(&up_header);
+    // A stream in another API is translated event by event.
+    let translated = sse && how.api == ApiKind::Anthropic;
+    let mut pass = Pass {
+        from: translated.then(|| anthropic::Stream::new(super::attempt::unix_now())),
+        scan: if sse {
+            UsageScan::sse(how.strip_usage)
+        } else {
+            UsageScan::json()
+        },
+        tokens,
     };
     let mut done = up.is_body_done();
     let mut error = None;
@@ -200,8 +276,8 @@ pub async fn relay(
     // An answer already whole goes out with its exact length, which is
     // shorter than the provider's when the usage chunk was taken out.
     let whole = done.then(|| {
-        let out = first.take().map(|c| scan.pass(c)).unwrap_or_default();
-        let rest = scan.end();
+        let out = first.take().map(|c| pass.pass(c)).unwrap_or_default();
+        let rest = pass.end();
         if rest.is_empty() {
             out
         } else {
@@ -213,10 +289,12 @@ pub async fn relay(
         if let Some(w) = &whole {
             resp.insert_header(header::CONTENT_LENGTH, w.len())
                 .map_err(Stop::Abort)?;
-        } else if (sse && how.strip_usage) || !resp.headers.contains_key(header::CONTENT_LENGTH) {
+        } else if (sse && (how.strip_usage || translated))
+            || !resp.headers.contains_key(header::CONTENT_LENGTH)
+        {
             // Framed, so the app can tell a complete answer from a cut one
-            // and keep its connection; a stream losing its usage chunk
-            // cannot keep the provider's length.
+            // and keep its connection; a stream losing its usage chunk, or
+            // translated, cannot keep the provider's length.
             resp.remove_header(&header::CONTENT_LENGTH);
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")
                 .map_err(Stop::Abort)?;
@@ -239,8 +317,8 @@ pub async fn relay(
         if let Some(w) = whole {
             write(session, Some(w), true, how.deadline).await?;
         } else if let Some(chunk) = first {
-            let out = scan.pass(chunk);
-            let (out, after) = coalesce(&mut up, &mut scan, out);
+            let out = pass.pass(chunk);
+            let (out, after) = coalesce(&mut up, &mut pass, out);
             held = after;
             if !out.is_empty() {
                 write(session, Some(out), false, how.deadline).await?;
@@ -256,8 +334,8 @@ pub async fn relay(
             };
             let reason = match next {
                 Ok(Ok(Some(chunk))) => {
-                    let out = scan.pass(chunk);
-                    let (out, after) = coalesce(&mut up, &mut scan, out);
+                    let out = pass.pass(chunk);
+                    let (out, after) = coalesce(&mut up, &mut pass, out);
                     held = after;
                     // Never an empty write: in chunked framing that
                     // would end the body.
@@ -268,7 +346,20 @@ pub async fn relay(
                 }
                 Ok(Ok(None)) => {
                     done = true;
-                    let rest = scan.end();
+                    let rest = pass.end();
+                    if let Some(why) = pass.unfinished() {
+                        // What the provider said is passed on (its error
+                        // event included); a stream cut short of its end
+                        // still ends with an error event of ours.
+                        error = Some(ErrorKind::Broken);
+                        let failed = pass.from.as_ref().is_some_and(|t| t.failed().is_some());
+                        let mut out = BytesMut::from(&rest[..]);
+                        if !failed {
+                            out.extend_from_slice(&stream_interrupted(&why).sse_event());
+                        }
+                        write(session, Some(out.freeze()), true, how.deadline).await?;
+                        break;
+                    }
                     write(
                         session,
                         (!rest.is_empty()).then_some(rest),
@@ -295,7 +386,7 @@ pub async fn relay(
             // after the last whole event; any other body cannot be mended,
             // so the connection is closed before its declared end.
             if sse {
-                scan.abandon();
+                pass.scan.abandon();
                 let event = stream_interrupted(&reason).sse_event();
                 write(session, Some(event), true, how.deadline).await?;
                 return Ok(());
@@ -310,7 +401,7 @@ pub async fn relay(
         error,
         ttft,
         latency: attempt_start.elapsed(),
-        tokens: scan.finish(),
+        tokens: pass.finish(),
         done,
     };
     let reusable = (done && result.is_ok()).then_some(up);

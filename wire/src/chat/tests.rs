@@ -282,3 +282,53 @@ proptest! {
         prop_assert_eq!(got, req);
     }
 }
+
+#[test]
+fn completions_need_a_prompt_and_embeddings_an_input() {
+    let c = parse_for(
+        Operation::Completions,
+        br#"{"model":"m","prompt":"Say hi","stream":true,"max_tokens":5}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (c.model.as_ref(), c.stream, c.max_tokens, c.messages),
+        ("m", true, Some(5), 0)
+    );
+    assert!(parse_for(
+        Operation::Completions,
+        br#"{"model":"m","prompt":["a","b"]}"#
+    )
+    .is_ok());
+    let e = parse_for(Operation::Completions, br#"{"model":"m"}"#).unwrap_err();
+    assert_eq!(
+        (e.param.as_deref(), e.code),
+        (Some("prompt"), Some("missing_required_parameter"))
+    );
+    let e = parse_for(Operation::Completions, br#"{"model":"m","prompt":7}"#).unwrap_err();
+    assert_eq!(
+        (e.param.as_deref(), e.code),
+        (Some("prompt"), Some("invalid_type"))
+    );
+
+    let e = parse_for(
+        Operation::Embeddings,
+        br#"{"model":"m","input":["a"],"stream":true}"#,
+    )
+    .unwrap();
+    assert!(!e.stream, "embeddings never stream");
+    let err = parse_for(Operation::Embeddings, br#"{"model":"m","input":null}"#).unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("input"));
+    let err = parse_for(Operation::Embeddings, br#"{"input":"x"}"#).unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("model"));
+    // A chat body needs messages, the others do not.
+    assert!(parse_for(Operation::Chat, br#"{"model":"m","prompt":"x"}"#).is_err());
+}
+
+#[test]
+fn a_model_is_mapped_in_the_body_of_every_operation() {
+    let ids = |m: &str| (m == "small").then_some("org/Small-v2");
+    let out = map_model(br#"{"model":"small","input":"x"}"#, ids).unwrap();
+    assert_eq!(&out[..], br#"{"model":"org/Small-v2","input":"x"}"#);
+    let out = map_model(br#"{"prompt":"x","model":"small"}"#, ids).unwrap();
+    assert_eq!(&out[..], br#"{"prompt":"x","model":"org/Small-v2"}"#);
+}
