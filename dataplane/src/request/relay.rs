@@ -70,6 +70,26 @@ impl Pass {
         }
     }
 
+    /// At the answer's clean end: what is left to send, and whether the
+    /// answer failed all the same (a translated stream that ended with an
+    /// error event, or before its last event, which then gets an error
+    /// event of ours: never a silent truncation).
+    fn close(&mut self) -> (Bytes, Option<ErrorKind>) {
+        let rest = self.end();
+        let Some(t) = &self.from else {
+            return (rest, None);
+        };
+        if t.failed().is_some() {
+            return (rest, Some(ErrorKind::Broken));
+        }
+        if t.complete() {
+            return (rest, None);
+        }
+        let mut out = BytesMut::from(&rest[..]);
+        out.extend_from_slice(&stream_interrupted("the provider ended the stream early").sse_event());
+        (out.freeze(), Some(ErrorKind::Broken))
+    }
+
     fn end(&mut self) -> Bytes {
         let rest = match &mut self.from {
             Some(t) => {
@@ -87,17 +107,6 @@ impl Pass {
             (_, true) => rest,
             (true, false) => held,
             (false, false) => Bytes::from([rest, held].concat()),
-        }
-    }
-
-    /// Why a translated stream that ended cleanly still failed: the
-    /// provider sent an error event, or stopped before its last event.
-    fn unfinished(&self) -> Option<String> {
-        let t = self.from.as_ref()?;
-        match t.failed() {
-            Some(m) => Some(format!("the provider ended the stream with an error: {m}")),
-            None if !t.complete() => Some("the provider ended the stream early".into()),
-            None => None,
         }
     }
 
@@ -277,7 +286,8 @@ pub async fn relay(
     // shorter than the provider's when the usage chunk was taken out.
     let whole = done.then(|| {
         let out = first.take().map(|c| pass.pass(c)).unwrap_or_default();
-        let rest = pass.end();
+        let (rest, failed) = pass.close();
+        error = failed;
         if rest.is_empty() {
             out
         } else {
@@ -346,20 +356,8 @@ pub async fn relay(
                 }
                 Ok(Ok(None)) => {
                     done = true;
-                    let rest = pass.end();
-                    if let Some(why) = pass.unfinished() {
-                        // What the provider said is passed on (its error
-                        // event included); a stream cut short of its end
-                        // still ends with an error event of ours.
-                        error = Some(ErrorKind::Broken);
-                        let failed = pass.from.as_ref().is_some_and(|t| t.failed().is_some());
-                        let mut out = BytesMut::from(&rest[..]);
-                        if !failed {
-                            out.extend_from_slice(&stream_interrupted(&why).sse_event());
-                        }
-                        write(session, Some(out.freeze()), true, how.deadline).await?;
-                        break;
-                    }
+                    let (rest, failed) = pass.close();
+                    error = failed;
                     write(
                         session,
                         (!rest.is_empty()).then_some(rest),
@@ -411,6 +409,54 @@ pub async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const START: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
+    const END: &str = "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn translating(strip: bool) -> Pass {
+        Pass {
+            from: Some(anthropic::Stream::new(0)),
+            scan: UsageScan::sse(strip),
+            tokens: None,
+        }
+    }
+
+    #[test]
+    fn a_translated_stream_is_whole_only_when_the_provider_ended_it() {
+        // Ended properly: no error, usage taken out for an app that did not
+        // ask, tokens from the provider's own counts.
+        let mut p = translating(true);
+        let mut out = p.pass(Bytes::from(format!("{START}{END}")));
+        let (rest, error) = p.close();
+        out = Bytes::from([out, rest].concat());
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(error, None, "{text}");
+        assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
+        assert!(!text.contains("\"usage\""), "{text}");
+        let t = p.finish().unwrap();
+        assert_eq!((t.input, t.output), (7, 3));
+
+        // Closed before its last event: an error event of ours ends it.
+        let mut p = translating(true);
+        let out = p.pass(Bytes::from(START));
+        let (rest, error) = p.close();
+        assert_eq!(error, Some(ErrorKind::Broken));
+        assert!(String::from_utf8_lossy(&out).contains("Hi"));
+        assert!(String::from_utf8_lossy(&rest).contains("ended the stream early"));
+
+        // The provider's own error event is passed on, and counts.
+        let mut p = translating(true);
+        let failed = format!("{START}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n");
+        let out = p.pass(Bytes::from(failed));
+        let (rest, error) = p.close();
+        assert_eq!(error, Some(ErrorKind::Broken));
+        assert!(String::from_utf8_lossy(&out).contains("Overloaded"));
+        assert!(!String::from_utf8_lossy(&rest).contains("ended the stream early"));
+    }
 
     #[test]
     fn the_apps_header_is_the_providers_minus_hop_headers_plus_the_sidecars() {
