@@ -208,6 +208,10 @@ struct MockArgs {
     error_500_ratio: f64,
     #[arg(long, default_value_t = 0.0)]
     error_429_ratio: f64,
+    /// Share of requests answered "overloaded" (Anthropic: 529
+    /// overloaded_error; OpenAI and Azure: 503).
+    #[arg(long, default_value_t = 0.0)]
+    overloaded_ratio: f64,
     #[arg(long, default_value_t = 1)]
     retry_after_s: u32,
     #[arg(long, default_value_t = 0.0)]
@@ -221,13 +225,22 @@ struct MockArgs {
     /// Prompt tokens reported as read from the prompt cache.
     #[arg(long, default_value_t = 0)]
     cached_tokens: u32,
+    /// Prompt tokens reported as written to the prompt cache (Anthropic's
+    /// cache_creation_input_tokens).
+    #[arg(long, default_value_t = 0)]
+    cache_write_tokens: u32,
     /// Reasoning tokens added to (and counted in) each answer's completion tokens.
     #[arg(long, default_value_t = 0)]
     reasoning_tokens: u32,
     /// Refuse chat completions and the model list without
-    /// `Authorization: Bearer KEY` (401), as a hosted provider does.
+    /// `Authorization: Bearer KEY` (401), as a hosted provider does
+    /// (Azure: `api-key: KEY`; Anthropic: `x-api-key: KEY`).
     #[arg(long)]
     api_key: Option<String>,
+    /// The API spoken: openai, azure (deployment paths, api-version,
+    /// api-key) or anthropic (Messages API).
+    #[arg(long, default_value = "openai")]
+    api: switchyard_mock::Api,
     /// Requests served at once; more queue (and show in
     /// vllm:num_requests_waiting on /metrics). Unlimited when absent.
     #[arg(long)]
@@ -436,11 +449,13 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         output_tokens: a.output_tokens,
         error_500_ratio: a.error_500_ratio,
         error_429_ratio: a.error_429_ratio,
+        overloaded_ratio: a.overloaded_ratio,
         retry_after_s: a.retry_after_s,
         hang_ratio: a.hang_ratio,
         drop_mid_stream_ratio: a.drop_mid_stream_ratio,
         stall_after_tokens: a.stall_after_tokens,
         cached_tokens: a.cached_tokens,
+        cache_write_tokens: a.cache_write_tokens,
         reasoning_tokens: a.reasoning_tokens,
         sse_line_ending: a.sse_line_ending,
         sse_keep_alive: a.sse_keep_alive,
@@ -458,6 +473,7 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         behaviour,
         capacity: a.capacity,
         api_key: a.api_key,
+        api: a.api,
     };
     switchyard_mock::serve(listener, config, shutdown_signal()).await?;
     Ok(())

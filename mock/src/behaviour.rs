@@ -18,6 +18,10 @@ pub struct Behaviour {
     pub error_500_ratio: f64,
     /// Share of requests answered with a 429 and `Retry-After`.
     pub error_429_ratio: f64,
+    /// Share of requests answered "overloaded": Anthropic's 529
+    /// `overloaded_error`; a 503 from the OpenAI-shaped APIs, as OpenAI
+    /// answers when its servers are overloaded.
+    pub overloaded_ratio: f64,
     pub retry_after_s: u32,
     /// Share of requests that never get an answer (the connection stays open).
     pub hang_ratio: f64,
@@ -30,6 +34,11 @@ pub struct Behaviour {
     /// Prompt tokens reported as served from the provider's prompt cache
     /// (`prompt_tokens_details.cached_tokens`, at most the prompt).
     pub cached_tokens: u32,
+    /// Prompt tokens reported as written to the provider's prompt cache
+    /// (Anthropic's `cache_creation_input_tokens`, at most the prompt not
+    /// read from the cache; the OpenAI-shaped APIs report none, as OpenAI
+    /// does).
+    pub cache_write_tokens: u32,
     /// Hidden reasoning tokens, reported in
     /// `completion_tokens_details.reasoning_tokens` and, as OpenAI does,
     /// included in `completion_tokens`.
@@ -43,6 +52,45 @@ pub struct Behaviour {
     /// Send each token's event in two writes a moment apart, cut inside
     /// its first line ending (between CR and LF) or its data line.
     pub sse_split_events: bool,
+}
+
+/// The API the mock speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI's: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+    /// `Authorization: Bearer`.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI's: `/openai/deployments/{deployment}/...?api-version=`,
+    /// the `api-key` header, the deployment as the answer's model.
+    Azure,
+    /// Anthropic's Messages API: `/v1/messages`, `x-api-key`,
+    /// `anthropic-version`.
+    Anthropic,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Azure => "azure",
+            Api::Anthropic => "anthropic",
+        }
+    }
+}
+
+impl std::str::FromStr for Api {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "openai" => Ok(Api::OpenAi),
+            "azure" => Ok(Api::Azure),
+            "anthropic" => Ok(Api::Anthropic),
+            other => Err(format!(
+                "api must be openai, azure or anthropic, not {other:?}"
+            )),
+        }
+    }
 }
 
 /// The line ending of streamed events.
@@ -97,11 +145,13 @@ impl Default for Behaviour {
             output_tokens: 16,
             error_500_ratio: 0.0,
             error_429_ratio: 0.0,
+            overloaded_ratio: 0.0,
             retry_after_s: 1,
             hang_ratio: 0.0,
             drop_mid_stream_ratio: 0.0,
             stall_after_tokens: None,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
             sse_line_ending: LineEnding::Lf,
             sse_keep_alive: false,
@@ -115,6 +165,7 @@ pub enum Fault {
     None,
     Error500,
     Error429,
+    Overloaded,
     Hang,
     DropMidStream,
 }
@@ -131,6 +182,10 @@ impl Behaviour {
         if draw < edge {
             return Fault::Error429;
         }
+        edge += self.overloaded_ratio;
+        if draw < edge {
+            return Fault::Overloaded;
+        }
         edge += self.hang_ratio;
         if draw < edge {
             return Fault::Hang;
@@ -146,6 +201,7 @@ impl Behaviour {
         let shares = [
             ("error_500_ratio", self.error_500_ratio),
             ("error_429_ratio", self.error_429_ratio),
+            ("overloaded_ratio", self.overloaded_ratio),
             ("hang_ratio", self.hang_ratio),
             ("drop_mid_stream_ratio", self.drop_mid_stream_ratio),
         ];
@@ -185,15 +241,17 @@ mod tests {
         let b = Behaviour {
             error_500_ratio: 0.1,
             error_429_ratio: 0.2,
+            overloaded_ratio: 0.05,
             hang_ratio: 0.3,
             drop_mid_stream_ratio: 0.1,
             ..Behaviour::default()
         };
         assert_eq!(b.fault(0.05, true), Fault::Error500);
         assert_eq!(b.fault(0.15, true), Fault::Error429);
+        assert_eq!(b.fault(0.32, true), Fault::Overloaded);
         assert_eq!(b.fault(0.45, true), Fault::Hang);
-        assert_eq!(b.fault(0.65, true), Fault::DropMidStream);
-        assert_eq!(b.fault(0.65, false), Fault::None);
+        assert_eq!(b.fault(0.68, true), Fault::DropMidStream);
+        assert_eq!(b.fault(0.68, false), Fault::None);
         assert_eq!(b.fault(0.95, true), Fault::None);
     }
 

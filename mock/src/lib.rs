@@ -1,9 +1,11 @@
-//! An OpenAI-compatible fake provider for tests, demos and incident drills.
+//! A fake provider for tests, demos and incident drills, speaking OpenAI's
+//! API, Azure OpenAI's or Anthropic's Messages API ([`Api`]).
 //!
-//! It answers chat completions (streamed and not) with deterministic text,
-//! reports `usage`, and can be made slow or faulty at run time through a small
-//! admin API (`GET/POST /admin/config`), so a test can degrade a provider while
-//! traffic flows. Every completion it produced is kept (bounded) under
+//! It answers chat completions (streamed and not) with deterministic text
+//! (or, when the request offers tools, a call of the first one), legacy
+//! completions and embeddings, reports `usage`, and can be made slow or
+//! faulty at run time through a small admin API (`GET/POST /admin/config`),
+//! so a test can degrade a provider while traffic flows. Every completion it produced is kept (bounded) under
 //! `/admin/completions/{id}` so tests can compare what the app received with
 //! what the provider sent.
 #![forbid(unsafe_code)]
@@ -11,5 +13,5 @@
 mod behaviour;
 mod server;
 
-pub use behaviour::{answer_tokens, Behaviour, Fault, LineEnding};
+pub use behaviour::{answer_tokens, Api, Behaviour, Fault, LineEnding};
 pub use server::{serve, MockConfig, MockError};

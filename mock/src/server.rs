@@ -1,5 +1,6 @@
 //! The mock's HTTP server: the OpenAI routes, the admin routes, and the
-//! bookkeeping tests read back.
+//! bookkeeping tests read back. The other APIs' routes are in the child
+//! modules, which share the bookkeeping, the faults and the streaming here.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -20,7 +21,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::behaviour::{answer_tokens, Behaviour, Fault};
+use crate::behaviour::{answer_tokens, Api, Behaviour, Fault};
+
+mod anthropic;
+mod azure;
+mod completions;
+mod embeddings;
+#[cfg(test)]
+mod tests;
 
 /// How many produced completions are kept for `/admin/completions/{id}`.
 const KEPT_COMPLETIONS: usize = 20_000;
@@ -42,6 +50,8 @@ pub struct MockConfig {
     /// `Authorization: Bearer <key>` get a 401, as a hosted provider
     /// answers a wrong key.
     pub api_key: Option<String>,
+    /// The API it speaks.
+    pub api: Api,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +79,12 @@ struct Shared {
     models_unauthorized: AtomicU64,
     /// `GET /health` calls.
     health: AtomicU64,
+    /// Requests per route beside chat completions (all counted in
+    /// `requests` too): Anthropic's messages, embeddings, legacy
+    /// completions.
+    messages: AtomicU64,
+    embeddings: AtomicU64,
+    text_completions: AtomicU64,
     completions: Mutex<Kept>,
 }
 
@@ -113,10 +129,12 @@ pub async fn serve(
         models: AtomicU64::new(0),
         models_unauthorized: AtomicU64::new(0),
         health: AtomicU64::new(0),
+        messages: AtomicU64::new(0),
+        embeddings: AtomicU64::new(0),
+        text_completions: AtomicU64::new(0),
         completions: Mutex::new(Kept::default()),
     });
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat))
+    let app = api_routes(shared.config.api)
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -133,6 +151,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// The routes of the API the mock speaks.
+fn api_routes(api: Api) -> Router<Arc<Shared>> {
+    match api {
+        Api::OpenAi => Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions::openai))
+            .route("/v1/embeddings", post(embeddings::openai)),
+        Api::Azure => Router::new()
+            .route(
+                "/openai/deployments/:deployment/chat/completions",
+                post(azure::chat),
+            )
+            .route(
+                "/openai/deployments/:deployment/completions",
+                post(azure::completions),
+            )
+            .route(
+                "/openai/deployments/:deployment/embeddings",
+                post(azure::embeddings),
+            ),
+        Api::Anthropic => Router::new().route("/v1/messages", post(anthropic::messages)),
+    }
+}
+
 #[derive(Deserialize)]
 struct ChatRequest {
     model: String,
@@ -144,6 +186,8 @@ struct ChatRequest {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     messages: Vec<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
 }
 
 #[derive(Deserialize)]
@@ -211,9 +255,93 @@ async fn chat(
         s.unauthorized.fetch_add(1, Ordering::Relaxed);
         return refused;
     }
+    openai_chat(s, body, None).await
+}
+
+/// Counts a request in and returns the guard that counts it out.
+fn start(s: &Arc<Shared>) -> InFlight {
     s.requests.fetch_add(1, Ordering::Relaxed);
     s.in_flight.fetch_add(1, Ordering::Relaxed);
-    let guard = InFlight(s.clone());
+    InFlight(s.clone())
+}
+
+/// Draws the fault for one request and counts it.
+fn draw(s: &Shared, b: &Behaviour, streamed: bool) -> Fault {
+    let fault = b.fault(fastrand::f64(), streamed);
+    let name = match fault {
+        Fault::None => return fault,
+        Fault::Error500 => "500",
+        Fault::Error429 => "429",
+        Fault::Overloaded => "overloaded",
+        Fault::Hang => "hang",
+        Fault::DropMidStream => "drop_mid_stream",
+    };
+    *s.faults.lock().entry(name).or_default() += 1;
+    fault
+}
+
+/// The answer to a fault drawn before the answer begins, in OpenAI's
+/// shape; hangs forever for a hang. `None`: answer normally.
+async fn openai_fault(fault: Fault, b: &Behaviour) -> Option<Response> {
+    match fault {
+        Fault::Error500 => Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "injected failure",
+        )),
+        Fault::Error429 => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "injected rate limit",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(b.retry_after_s));
+            Some(r)
+        }
+        Fault::Overloaded => Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "injected overload: the server is overloaded or not ready yet",
+        )),
+        Fault::Hang => {
+            futures::future::pending::<()>().await;
+            unreachable!("pending never resolves");
+        }
+        Fault::None | Fault::DropMidStream => None,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The input the mock gives the tool it calls, and the pieces it streams
+/// it in (joined, the same JSON as the input serialised compactly, so a
+/// translated answer and a native one say the same).
+const TOOL_INPUT: &str = r#"{"location":"Paris"}"#;
+const TOOL_INPUT_PIECES: [&str; 3] = [r#"{"location""#, r#":"Par"#, r#"is"}"#];
+
+/// The name of the tool the mock calls: the first one offered, unless the
+/// conversation already ends with a tool's result (then it answers in
+/// text).
+fn tool_to_call(
+    tools: &[Value],
+    name_of: impl Fn(&Value) -> Option<&str>,
+    answered: bool,
+) -> Option<String> {
+    if answered {
+        return None;
+    }
+    tools.first().and_then(name_of).map(str::to_owned)
+}
+
+/// A chat completion in OpenAI's shape; `deployment` (Azure) names the
+/// model in the answer instead of the request's `model`.
+async fn openai_chat(s: Arc<Shared>, body: Bytes, deployment: Option<String>) -> Response {
+    let guard = start(&s);
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -226,54 +354,36 @@ async fn chat(
     };
     let permit = slot(&s).await;
     let b = s.behaviour.read().clone();
-    let fault = b.fault(fastrand::f64(), req.stream);
-    if fault != Fault::None {
-        let name = match fault {
-            Fault::Error500 => "500",
-            Fault::Error429 => "429",
-            Fault::Hang => "hang",
-            Fault::DropMidStream => "drop_mid_stream",
-            Fault::None => unreachable!(),
-        };
-        *s.faults.lock().entry(name).or_default() += 1;
-    }
-    match fault {
-        Fault::Error500 => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "injected failure",
-            )
-        }
-        Fault::Error429 => {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "injected rate limit",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(b.retry_after_s));
-            return r;
-        }
-        Fault::Hang => {
-            futures::future::pending::<()>().await;
-            unreachable!("pending never resolves");
-        }
-        _ => {}
+    let fault = draw(&s, &b, req.stream);
+    if let Some(r) = openai_fault(fault, &b).await {
+        return r;
     }
 
     let n = s.counter.fetch_add(1, Ordering::Relaxed);
     let id = format!("chatcmpl-{}-{n}", s.config.name);
+    let answered = req
+        .messages
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("tool");
+    let tool = tool_to_call(
+        &req.tools,
+        |t| t.get("function")?.get("name")?.as_str(),
+        answered,
+    );
     let limit = req.max_completion_tokens.or(req.max_tokens);
     let out = limit.map_or(b.output_tokens, |m| m.min(b.output_tokens));
-    let finish = if out < b.output_tokens {
-        "length"
-    } else {
-        "stop"
+    let (finish, tokens) = match &tool {
+        Some(_) => (
+            "tool_calls",
+            TOOL_INPUT_PIECES.iter().map(|p| p.to_string()).collect(),
+        ),
+        None if out < b.output_tokens => ("length", answer_tokens(&s.config.name, out)),
+        None => ("stop", answer_tokens(&s.config.name, out)),
     };
-    let tokens = answer_tokens(&s.config.name, out);
-    let prompt_tokens = prompt_tokens(&req.messages);
-    let completion_tokens = out + b.reasoning_tokens;
+    let prompt_tokens = prompt_tokens(&req.messages, None);
+    let completion_tokens = tokens.len() as u32 + b.reasoning_tokens;
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -281,19 +391,23 @@ async fn chat(
         "prompt_tokens_details": { "cached_tokens": b.cached_tokens.min(prompt_tokens) },
         "completion_tokens_details": { "reasoning_tokens": b.reasoning_tokens },
     });
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = now();
+    let model = deployment.unwrap_or(req.model);
+    let call_id = format!("call_{}_{n}", s.config.name);
 
     tokio::time::sleep(Duration::from_millis(b.ttft_ms)).await;
     if !req.stream {
         let content: String = tokens.concat();
         s.completions.lock().insert(id.clone(), content.clone());
         s.completed.fetch_add(1, Ordering::Relaxed);
+        let message = match &tool {
+            Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": TOOL_INPUT}}]}),
+            None => json!({"role": "assistant", "content": content}),
+        };
         let body = json!({
-            "id": id, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish, "logprobs": null}],
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
             "usage": usage,
         });
         drop(permit);
@@ -302,31 +416,87 @@ async fn chat(
     }
 
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-    let drop_at = (fault == Fault::DropMidStream).then_some(tokens.len() / 2);
+    let eol = b.sse_line_ending;
+    let chunk = |delta: Value, finish: Value| {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        Bytes::from(eol.event(&v.to_string()))
+    };
+    let mut head = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    let events = match &tool {
+        Some(name) => {
+            head.push(chunk(
+                json!({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}),
+                Value::Null,
+            ));
+            tokens
+                .into_iter()
+                .map(|t| {
+                    let delta = json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]});
+                    (chunk(delta, Value::Null), t)
+                })
+                .collect()
+        }
+        None => tokens
+            .into_iter()
+            .map(|t| (chunk(json!({"content": t}), Value::Null), t))
+            .collect(),
+    };
+    let mut tail = vec![chunk(json!({}), json!(finish))];
+    if include_usage {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [], "usage": usage});
+        tail.push(Bytes::from(eol.event(&v.to_string())));
+    }
+    tail.push(Bytes::from(eol.event("[DONE]")));
+    let script = Script {
+        id: id.clone(),
+        head,
+        tokens: events,
+        tail,
+        keep_alive: Bytes::from(eol.comment("keep-alive")),
+    };
+    stream(s, b, fault, (guard, permit), script)
+}
+
+/// A streamed answer as a handler scripts it: `head` events first, then
+/// one event per token (beside it, the text it adds to the completion
+/// recorded under `id`), paced and faulted as the behaviour says, then
+/// `tail` once the completion is recorded.
+struct Script {
+    id: String,
+    head: Vec<Bytes>,
+    tokens: Vec<(Bytes, String)>,
+    tail: Vec<Bytes>,
+    /// Sent before every token when `sse_keep_alive` is on.
+    keep_alive: Bytes,
+}
+
+/// Plays `script` as an event stream; `held` (the in-flight count and the
+/// serving slot) is let go when the stream ends.
+fn stream(
+    s: Arc<Shared>,
+    b: Behaviour,
+    fault: Fault,
+    held: (InFlight, Option<tokio::sync::OwnedSemaphorePermit>),
+    script: Script,
+) -> Response {
+    let drop_at = (fault == Fault::DropMidStream).then_some(script.tokens.len() / 2);
     let stall_at = b.stall_after_tokens.map(|n| n as usize);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let model = req.model;
     tokio::spawn(async move {
-        let _guard = guard;
-        let _permit = permit;
-        let eol = b.sse_line_ending;
-        let chunk = |delta: Value, finish: Value| {
-            let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            Bytes::from(eol.event(&v.to_string()))
-        };
-        let mut sent = String::new();
-        if tx
-            .send(Ok(chunk(
-                json!({"role": "assistant", "content": ""}),
-                Value::Null,
-            )))
-            .await
-            .is_err()
-        {
-            return;
+        let _held = held;
+        for event in script.head {
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
         }
-        for (i, t) in tokens.iter().enumerate() {
+        let mut sent = String::new();
+        for (i, (event, text)) in script.tokens.into_iter().enumerate() {
             if drop_at == Some(i) {
                 let _ = tx
                     .send(Err(std::io::Error::other("injected mid-stream drop")))
@@ -343,16 +513,10 @@ async fn chat(
             if i > 0 && b.inter_token_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.inter_token_ms)).await;
             }
-            if b.sse_keep_alive
-                && tx
-                    .send(Ok(Bytes::from(eol.comment("keep-alive"))))
-                    .await
-                    .is_err()
-            {
+            if b.sse_keep_alive && tx.send(Ok(script.keep_alive.clone())).await.is_err() {
                 return;
             }
-            sent.push_str(t);
-            let event = chunk(json!({"content": t}), Value::Null);
+            sent.push_str(&text);
             let pieces = if b.sse_split_events {
                 split_event(event)
             } else {
@@ -371,15 +535,13 @@ async fn chat(
                 }
             }
         }
-        s.completions.lock().insert(id.clone(), sent);
+        s.completions.lock().insert(script.id, sent);
         s.completed.fetch_add(1, Ordering::Relaxed);
-        let _ = tx.send(Ok(chunk(json!({}), json!(finish)))).await;
-        if include_usage {
-            let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [], "usage": usage});
-            let _ = tx.send(Ok(Bytes::from(eol.event(&v.to_string())))).await;
+        for event in script.tail {
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
         }
-        let _ = tx.send(Ok(Bytes::from(eol.event("[DONE]")))).await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -401,12 +563,37 @@ fn split_event(event: Bytes) -> [Bytes; 2] {
     [event.slice(..at), event.slice(at..)]
 }
 
-/// About four characters a token, which is what providers' own estimates use.
-fn prompt_tokens(messages: &[Value]) -> u32 {
+/// The characters of prompt text in a message's `content` (or a
+/// `system`): a string, or parts and blocks holding text (OpenAI's text
+/// parts, Anthropic's text blocks and tool results), so a conversation
+/// counts the same in either API's shape.
+fn text_chars(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| {
+                let text = p.get("text").and_then(Value::as_str).map_or(0, str::len);
+                let result = match p.get("type").and_then(Value::as_str) {
+                    Some("tool_result") => p.get("content").map_or(0, text_chars),
+                    _ => 0,
+                };
+                text + result
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// About four characters a token, which is what providers' own estimates
+/// use; `system`: Anthropic's system prompt, counted as OpenAI's system
+/// messages are.
+fn prompt_tokens(messages: &[Value], system: Option<&Value>) -> u32 {
     let chars: usize = messages
         .iter()
-        .filter_map(|m| m.get("content").and_then(Value::as_str))
-        .map(str::len)
+        .filter_map(|m| m.get("content"))
+        .chain(system)
+        .map(text_chars)
         .sum();
     (chars / 4).max(1) as u32
 }
@@ -416,10 +603,20 @@ async fn health(State(s): State<Arc<Shared>>) -> &'static str {
     "ok"
 }
 
-/// Lists the models; wants the key when the mock has one, as OpenAI does.
+/// Lists the models; wants the key when the mock has one, as OpenAI does
+/// (as a bearer token, or in the header of the API the mock speaks, so a
+/// health probe may send either).
 async fn models(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     s.models.fetch_add(1, Ordering::Relaxed);
-    if let Some(refused) = refuse_key(&s, &headers) {
+    let own_header = match s.config.api {
+        Api::OpenAi => None,
+        Api::Azure => Some("api-key"),
+        Api::Anthropic => Some("x-api-key"),
+    };
+    let own_key_ok = own_header.is_some_and(|h| {
+        headers.get(h).and_then(|v| v.to_str().ok()) == s.config.api_key.as_deref()
+    });
+    if let Some(refused) = refuse_key(&s, &headers).filter(|_| !own_key_ok) {
         s.models_unauthorized.fetch_add(1, Ordering::Relaxed);
         return refused;
     }
@@ -499,6 +696,10 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "models": s.models.load(Ordering::Relaxed),
         "models_unauthorized": s.models_unauthorized.load(Ordering::Relaxed),
         "health": s.health.load(Ordering::Relaxed),
+        "api": s.config.api.as_str(),
+        "messages": s.messages.load(Ordering::Relaxed),
+        "embeddings": s.embeddings.load(Ordering::Relaxed),
+        "completions": s.text_completions.load(Ordering::Relaxed),
     }))
 }
 

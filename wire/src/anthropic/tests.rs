@@ -841,13 +841,20 @@ proptest! {
         cuts.sort_unstable();
         cuts.push(bytes.len());
         let mut s = Stream::new(0);
+        let mut got = Vec::new();
         let mut from = 0;
         for c in cuts {
-            let _ = s.push(Bytes::copy_from_slice(&bytes[from..c]));
+            got.extend_from_slice(&s.push(Bytes::copy_from_slice(&bytes[from..c])));
             from = c;
         }
-        let _ = s.end();
-        let _ = (s.tokens(), s.failed(), s.complete());
+        got.extend_from_slice(&s.end());
+        // However it is cut, it translates as it does whole.
+        let (expected, whole) = whole(&bytes);
+        prop_assert_eq!(got, expected);
+        prop_assert_eq!(
+            (s.tokens(), s.failed(), s.complete()),
+            (whole.tokens(), whole.failed(), whole.complete())
+        );
     }
 
     /// Streams of Anthropic-looking events in any order, with any text:
