@@ -429,7 +429,7 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
         assert_eq!(common::header(&r, "x-switchyard-attempts"), "2");
     }
     let stats = anthropic.stats(&stack.http).await;
-    assert!(stats["faults"]["529"].as_u64() >= Some(2), "{stats}");
+    assert!(stats["faults"]["overloaded"].as_u64() >= Some(2), "{stats}");
     let _ = std::fs::remove_file(&key);
 }
 
