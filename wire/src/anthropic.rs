@@ -6,7 +6,8 @@
 //! ([`Stream`]).
 //!
 //! Pure functions over bytes, like the rest of the crate; the proxy sets
-//! the headers (`x-api-key`, `anthropic-version` = [`VERSION`]).
+//! the headers (`x-api-key`, `anthropic-version`: see the policy crate's
+//! `ApiKind`, which the control plane's probes share).
 //!
 //! What OpenAI has and Anthropic has not is dropped when dropping it keeps
 //! the answer the app asked for (`n: 1`, `seed`, `response_format`,
@@ -23,9 +24,6 @@ use serde_json::{Map, Value};
 use crate::chat::Invalid;
 use crate::sse::{self, Boundaries};
 use crate::usage::Tokens;
-
-/// `anthropic-version` header value the sidecar sends.
-pub const VERSION: &str = "2023-06-01";
 
 /// An Anthropic answer the sidecar cannot turn into OpenAI's shape; the
 /// message says why.

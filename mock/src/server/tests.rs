@@ -4,6 +4,9 @@ use super::*;
 use crate::behaviour::LineEnding;
 use switchyard_wire::anthropic as wire;
 
+/// The `anthropic-version` every request to Anthropic's API carries.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
 struct Mock {
     base: String,
     http: reqwest::Client,
@@ -57,7 +60,7 @@ impl Mock {
     async fn anthropic(&self, body: Value) -> (u16, Vec<u8>) {
         self.post(
             "/v1/messages",
-            &[("x-api-key", "k"), ("anthropic-version", wire::VERSION)],
+            &[("x-api-key", "k"), ("anthropic-version", ANTHROPIC_VERSION)],
             body,
         )
         .await
@@ -187,7 +190,7 @@ async fn anthropic_wants_its_headers_and_max_tokens() {
     let (status, v) = m
         .json(
             "/v1/messages",
-            &[("x-api-key", "nope"), ("anthropic-version", wire::VERSION)],
+            &[("x-api-key", "nope"), ("anthropic-version", ANTHROPIC_VERSION)],
             body.clone(),
         )
         .await;
@@ -204,7 +207,7 @@ async fn anthropic_wants_its_headers_and_max_tokens() {
     let (status, v) = m
         .json(
             "/v1/messages",
-            &[("x-api-key", "k"), ("anthropic-version", wire::VERSION)],
+            &[("x-api-key", "k"), ("anthropic-version", ANTHROPIC_VERSION)],
             json!({"model": "c", "messages": [{"role": "user", "content": "hi"}]}),
         )
         .await;
@@ -397,7 +400,7 @@ async fn anthropic_faults_take_its_error_shape() {
     let resp = m
         .http
         .post(format!("{}/v1/messages", m.base))
-        .header("anthropic-version", wire::VERSION)
+        .header("anthropic-version", ANTHROPIC_VERSION)
         .json(&body)
         .send()
         .await
