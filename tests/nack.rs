@@ -64,6 +64,7 @@ fn table(version: u64, mock: SocketAddr, url: Option<&str>) -> pb::TableUpdate {
                 credential: String::new(),
                 over_budget: false,
                 model_ids: Default::default(),
+                ..Default::default()
             }],
             classes: vec![pb::RequestClass {
                 name: "standard".into(),

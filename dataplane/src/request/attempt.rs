@@ -152,6 +152,37 @@ fn is_connect(e: &pingora::Error) -> bool {
     )
 }
 
+/// A connection that could not be made, said as an operator reads it: the
+/// endpoint, and what failed. A refused TLS handshake (a certificate the
+/// endpoint's trust anchors do not vouch for, or not for its name; a
+/// client certificate it refused) is a setup fault no retry mends, so it
+/// is logged as a warning; like any connect failure it moves the request
+/// to the next endpoint.
+fn connect_failed(ep: &Endpoint, e: &pingora::Error) -> AttemptError {
+    let tls = matches!(
+        e.etype(),
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSWantX509Lookup
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+    );
+    let text = e.to_string();
+    if tls {
+        // pingora's rendering leads with its error type's name; the
+        // context after it says what the handshake refused.
+        let detail = text
+            .split_once(" context: ")
+            .map_or(text.trim(), |(_, c)| c);
+        tracing::warn!(endpoint = %ep.name, error = %detail, "TLS handshake with the endpoint failed");
+        AttemptError::Connect(format!(
+            "endpoint {:?}: TLS handshake failed: {detail}",
+            &*ep.name
+        ))
+    } else {
+        AttemptError::Connect(format!("endpoint {:?}: {}", &*ep.name, text.trim()))
+    }
+}
+
 /// Sends `request` (head and body, see [`upstream_request`]) to `ep` and
 /// waits for the first body chunk until `ttft_deadline`.
 async fn open(
@@ -167,7 +198,7 @@ async fn open(
         let (mut stream, reused) = connections
             .get(&ep.state.idle, &ep.peer)
             .await
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+            .map_err(|e| connect_failed(ep, &e))?;
         let broken = |e: Box<pingora::Error>| {
             if is_connect(&e) {
                 AttemptError::Connect(e.to_string())
