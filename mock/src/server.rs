@@ -70,6 +70,8 @@ struct Shared {
     /// `GET /health` calls.
     health: AtomicU64,
     completions: Mutex<Kept>,
+    /// TLS connections accepted (handshakes completed); 0 in plain text.
+    tls_connections: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -96,6 +98,19 @@ pub async fn serve(
     config: MockConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MockError> {
+    let (app, _) = router(config);
+    // Without TCP_NODELAY, streamed tokens (many small writes) wait on the
+    // peer's delayed ACK: 40 ms stalls a real provider does not have.
+    axum::serve(listener, app)
+        .tcp_nodelay(true)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The mock's routes over fresh state, and the count of TLS connections
+/// accepted that `/admin/stats` shows (`serve_tls` counts them).
+pub(crate) fn router(config: MockConfig) -> (Router, Arc<AtomicU64>) {
     let slots = config
         .capacity
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1) as usize)));
@@ -114,7 +129,9 @@ pub async fn serve(
         models_unauthorized: AtomicU64::new(0),
         health: AtomicU64::new(0),
         completions: Mutex::new(Kept::default()),
+        tls_connections: Arc::default(),
     });
+    let tls_connections = Arc::clone(&shared.tls_connections);
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
@@ -124,13 +141,7 @@ pub async fn serve(
         .route("/admin/stats", get(stats))
         .route("/admin/completions/:id", get(completion))
         .with_state(shared);
-    // Without TCP_NODELAY, streamed tokens (many small writes) wait on the
-    // peer's delayed ACK: 40 ms stalls a real provider does not have.
-    axum::serve(listener, app)
-        .tcp_nodelay(true)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    (app, tls_connections)
 }
 
 #[derive(Deserialize)]
@@ -499,6 +510,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "models": s.models.load(Ordering::Relaxed),
         "models_unauthorized": s.models_unauthorized.load(Ordering::Relaxed),
         "health": s.health.load(Ordering::Relaxed),
+        "tls_connections": s.tls_connections.load(Ordering::Relaxed),
     }))
 }
 
