@@ -168,19 +168,29 @@ fn connect_failed(ep: &Endpoint, e: &pingora::Error) -> AttemptError {
     );
     let text = e.to_string();
     if tls {
-        // pingora's rendering leads with its error type's name; the
-        // context after it says what the handshake refused.
-        let detail = text
-            .split_once(" context: ")
-            .map_or(text.trim(), |(_, c)| c);
-        tracing::warn!(endpoint = %ep.name, error = %detail, "TLS handshake with the endpoint failed");
+        let cause = tls_cause(&text);
+        tracing::warn!(endpoint = %ep.name, server_name = %ep.peer.sni, error = %cause,
+            "TLS handshake with the endpoint failed");
         AttemptError::Connect(format!(
-            "endpoint {:?}: TLS handshake failed: {detail}",
-            &*ep.name
+            "endpoint {:?}: TLS handshake with {} failed: {cause}",
+            &*ep.name, ep.peer.sni
         ))
     } else {
         AttemptError::Connect(format!("endpoint {:?}: {}", &*ep.name, text.trim()))
     }
+}
+
+/// What a refused handshake's error says TLS refused. pingora renders it
+/// as a chain (`TLS connect() failed:  TLSHandshakeFailure context: ...
+/// cause: invalid peer certificate: UnknownIssuer, SNI: host cause: local
+/// address ...`); the last cause before the SNI is rustls's own words. A
+/// rendering of another shape is kept whole.
+fn tls_cause(text: &str) -> &str {
+    let t = text
+        .rsplit_once(" cause: local address")
+        .map_or(text, |(t, _)| t);
+    let t = t.rsplit_once(", SNI: ").map_or(t, |(t, _)| t);
+    t.rsplit_once(" cause: ").map_or(t, |(_, c)| c).trim()
 }
 
 /// Sends `request` (head and body, see [`upstream_request`]) to `ep` and
@@ -467,6 +477,17 @@ mod tests {
         // Without a credential the app's is still not forwarded.
         let req = upstream_request(&a, &endpoint(None), body);
         assert!(!String::from_utf8_lossy(&req).contains("authorization"));
+    }
+
+    #[test]
+    fn a_refused_handshake_is_said_in_rustls_words() {
+        let pingora = "TLS connect() failed:  TLSHandshakeFailure context: tls connect error \
+            cause: invalid peer certificate: UnknownIssuer, SNI: 127.0.0.1 cause: local address 127.0.0.1:34672";
+        assert_eq!(
+            tls_cause(pingora),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(tls_cause(" something else "), "something else");
     }
 
     #[test]
