@@ -69,7 +69,9 @@ fn table() -> Table {
 
 fn stages(c: &mut Criterion) {
     let table = table();
-    let (class, route) = table.route(None, "m").expect("route");
+    let (class, route) = table
+        .route(None, "m", switchyard_wire::operation::Operation::Chat)
+        .expect("route");
     let body = serde_json::to_vec(&serde_json::json!({
         "model": "m",
         "stream": true,

@@ -254,6 +254,15 @@ struct MockArgs {
     /// Send each token's event in two writes, cut inside a line ending.
     #[arg(long)]
     sse_split_events: bool,
+    /// Serve over TLS with this PEM certificate chain (leaf first).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate this PEM CA signed (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -462,6 +471,18 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         sse_split_events: a.sse_split_events,
     };
     behaviour.validate().map_err(anyhow::Error::msg)?;
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(switchyard_mock::TlsFiles {
+            cert,
+            key,
+            client_ca: a.client_ca,
+        }),
+        _ => None,
+    };
+    // Bad TLS files fail the start, before the address is announced.
+    if let Some(files) = &tls {
+        switchyard_mock::server_config(files)?;
+    }
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
         .await
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
@@ -475,6 +496,11 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         api_key: a.api_key,
         api: a.api,
     };
-    switchyard_mock::serve(listener, config, shutdown_signal()).await?;
+    match &tls {
+        Some(files) => {
+            switchyard_mock::serve_tls(listener, config, files, shutdown_signal()).await?
+        }
+        None => switchyard_mock::serve(listener, config, shutdown_signal()).await?,
+    }
     Ok(())
 }

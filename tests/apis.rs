@@ -140,11 +140,7 @@ fn ask(messages: Vec<ChatCompletionRequestMessage>) -> CreateChatCompletionReque
 }
 
 /// The `(class, mock)` pairs: one per API.
-const KINDS: [(&str, usize); 3] = [
-    ("via-openai", 0),
-    ("via-azure", 1),
-    ("via-anthropic", 2),
-];
+const KINDS: [(&str, usize); 3] = [("via-openai", 0), ("via-azure", 1), ("via-anthropic", 2)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_openai_client_gets_equivalent_answers_from_every_api() {
@@ -158,7 +154,10 @@ async fn the_same_openai_client_gets_equivalent_answers_from_every_api() {
             .await
             .unwrap_or_else(|e| panic!("{class}: {e}\n{}", stack.sidecar.log_text()));
         let content = r.choices[0].message.content.clone().expect("content");
-        assert_eq!(content, common::mock_content(&stack.http, mock, &r.id).await);
+        assert_eq!(
+            content,
+            common::mock_content(&stack.http, mock, &r.id).await
+        );
         assert_eq!(content.split(' ').count(), 40, "{class}");
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.expect("usage").completion_tokens, 40, "{class}");
@@ -181,7 +180,10 @@ async fn the_same_openai_client_gets_equivalent_answers_from_every_api() {
                 finish = finish.or(choice.finish_reason);
             }
         }
-        assert!(chunks > 40, "{class}: streamed chunk by chunk, got {chunks}");
+        assert!(
+            chunks > 40,
+            "{class}: streamed chunk by chunk, got {chunks}"
+        );
         assert_eq!(text, common::mock_content(&stack.http, mock, &id).await);
         assert_eq!(finish, Some(FinishReason::Stop), "{class}");
     }
@@ -226,7 +228,11 @@ async fn tool_calls_round_trip_through_every_api() {
 
         let r = c.chat().create(request.clone()).await.unwrap();
         let choice = &r.choices[0];
-        assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls), "{class}");
+        assert_eq!(
+            choice.finish_reason,
+            Some(FinishReason::ToolCalls),
+            "{class}"
+        );
         let calls = choice.message.tool_calls.clone().expect("tool calls");
         assert_eq!(calls.len(), 1, "{class}");
         assert_eq!(calls[0].function.name, "get_weather");
@@ -278,11 +284,21 @@ async fn tool_calls_round_trip_through_every_api() {
                 .into(),
         ]);
         follow.tools = Some(vec![weather_tool()]);
-        let r = c.chat().create(follow).await.unwrap_or_else(|e| {
-            panic!("{class}: {e}\n{}", stack.sidecar.log_text())
-        });
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop), "{class}");
-        assert!(r.choices[0].message.content.as_deref().is_some_and(|t| !t.is_empty()));
+        let r = c
+            .chat()
+            .create(follow)
+            .await
+            .unwrap_or_else(|e| panic!("{class}: {e}\n{}", stack.sidecar.log_text()));
+        assert_eq!(
+            r.choices[0].finish_reason,
+            Some(FinishReason::Stop),
+            "{class}"
+        );
+        assert!(r.choices[0]
+            .message
+            .content
+            .as_deref()
+            .is_some_and(|t| !t.is_empty()));
     }
 }
 
@@ -360,7 +376,10 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
     std::fs::write(&key, "sk-ant-wrong\n").unwrap();
     let credential = format!("    credential: file:{}\n", key.display());
     let stack = three_apis_with("errors", &[], &["--api-key", "sk-ant-right"], |p| {
-        p.replace("    api: anthropic\n", &format!("    api: anthropic\n{credential}"))
+        p.replace(
+            "    api: anthropic\n",
+            &format!("    api: anthropic\n{credential}"),
+        )
     })
     .await;
     let anthropic = &stack.mocks[2];
@@ -380,10 +399,18 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
     .await
     .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(common::header(&r, "x-switchyard-endpoint"), "hosted-anthropic");
+    assert_eq!(
+        common::header(&r, "x-switchyard-endpoint"),
+        "hosted-anthropic"
+    );
     let e: Value = r.json().await.unwrap();
     assert!(e["error"]["type"].is_string(), "{e}");
-    assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{e}"
+    );
     assert_eq!(anthropic.stats(&stack.http).await["unauthorized"], 1);
 
     // What Anthropic's API cannot do is refused, naming the parameter.
@@ -396,7 +423,10 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "untranslatable_request", "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("'n'"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("'n'"),
+        "{e}"
+    );
     std::fs::write(&key, "sk-ant-right\n").unwrap();
 
     // Overloaded: the on-prem endpoint takes the request instead.
@@ -489,7 +519,10 @@ async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load_streamed()
     let mut by_endpoint = std::collections::BTreeMap::<String, usize>::new();
     for (status, endpoint, text) in &results {
         assert_eq!(*status, 200, "{endpoint}: {text}");
-        assert!(text.trim_end().ends_with("data: [DONE]"), "{endpoint}: {text}");
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "{endpoint}: {text}"
+        );
         assert!(!text.contains("\"error\""), "{endpoint}: {text}");
         // OpenAI's chunks only, whoever served.
         for data in text
@@ -504,8 +537,12 @@ async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load_streamed()
     }
     assert_eq!(by_endpoint.values().sum::<usize>(), REQUESTS);
     assert!(
-        by_endpoint.get("onprem-openai").is_some_and(|n| *n >= REQUESTS / 4)
-            && by_endpoint.get("hosted-anthropic").is_some_and(|n| *n >= REQUESTS / 4),
+        by_endpoint
+            .get("onprem-openai")
+            .is_some_and(|n| *n >= REQUESTS / 4)
+            && by_endpoint
+                .get("hosted-anthropic")
+                .is_some_and(|n| *n >= REQUESTS / 4),
         "{by_endpoint:?}"
     );
     assert!(!by_endpoint.contains_key("burst-azure"), "{by_endpoint:?}");

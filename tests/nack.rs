@@ -158,13 +158,17 @@ async fn a_table_that_cannot_be_applied_is_nacked_and_the_old_one_stays() {
     }
 
     let http = reqwest::Client::new();
-    let ready = http
-        .get(format!("http://{sidecar}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
-    let ready = ready.text().await.unwrap();
+    // The control thread can apply tables before the proxy listens (it
+    // builds its TLS connector first): wait for the listener.
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (status, ready) = loop {
+        match common::readyz(&http, sidecar).await {
+            (0, e) => assert!(tokio::time::Instant::now() < end, "no /readyz: {e}"),
+            answer => break answer,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 200, "{ready}");
     assert!(ready.contains("version 1"), "{ready}");
     let own = format!("pid {}\n", sidecar_proc.pid().unwrap());
     assert!(

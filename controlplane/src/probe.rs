@@ -11,8 +11,11 @@
 //! said once in the log (a provider that refuses unauthenticated probes then
 //! shows the refusal as the probe's error). The key itself is never logged.
 //!
-//! Plain http only: the HTTP client here has no TLS, so https endpoints are
-//! not probed (their health then rests on the sidecars' reports).
+//! https endpoints are probed with the TLS the sidecars use: the system's
+//! roots, or the endpoint's `ca_file` alone, and its client certificate.
+//! When those files are not on this host the endpoint is not probed (a
+//! probe trusting other roots would judge a healthy endpoint down), and
+//! that is said once; its health then rests on the sidecars' reports.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use reqwest::header::HeaderValue;
 use switchyard_policy::credential::KeyError;
-use switchyard_policy::{ApiKind, CredentialRef, Endpoint};
+use switchyard_policy::{tls, ApiKind, CredentialRef, Endpoint};
 use tokio::sync::watch;
 
 use crate::health::{ProbeRule, ProbeState, Turn};
@@ -66,13 +69,63 @@ pub fn credential(
     Ok((name, value))
 }
 
-/// Where an endpoint is probed, or why it is not.
+/// Where an endpoint is probed.
 pub fn probe_url(e: &Endpoint) -> Result<String, String> {
     let base = e.url.trim_end_matches('/');
-    if !base.starts_with("http://") {
-        return Err("not plain http; https endpoints are not probed yet".into());
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err("not an http or https URL".into());
     }
     Ok(format!("{base}{}", e.probe_path()))
+}
+
+/// A client for probing `e`: `shared` (the system's roots) when it names
+/// no TLS files, else one built from them, kept in `own` while the files
+/// stay the same. An error says why the endpoint cannot be probed.
+fn client_for(
+    e: &Endpoint,
+    shared: &reqwest::Client,
+    own: &mut BTreeMap<String, (Vec<u8>, reqwest::Client)>,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    let paths = e.tls_paths();
+    if !paths.any() {
+        own.remove(&e.name);
+        return Ok(shared.clone());
+    }
+    let material = tls::load(&paths).map_err(|err| format!("its TLS files: {err}"))?;
+    if let Some((fingerprint, c)) = own.get(&e.name) {
+        if *fingerprint == material.fingerprint {
+            return Ok(c.clone());
+        }
+    }
+    let mut b = builder(timeout);
+    if let Some(ca) = &material.ca {
+        b = b.tls_built_in_root_certs(false);
+        for c in ca {
+            let c = reqwest::Certificate::from_der(c.as_ref()).map_err(|err| err.to_string())?;
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&e.client_cert, &e.client_key) {
+        // `tls::load` checked both files; reqwest takes them as one PEM.
+        let mut pem = std::fs::read(cert).map_err(|err| format!("client_cert: {err}"))?;
+        pem.push(b'\n');
+        pem.extend(std::fs::read(key).map_err(|err| format!("client_key: {err}"))?);
+        let id = reqwest::Identity::from_pem(&pem).map_err(|err| err.to_string())?;
+        b = b.identity(id);
+    }
+    let c = b.build().map_err(|err| err.to_string())?;
+    own.insert(e.name.clone(), (material.fingerprint, c.clone()));
+    Ok(c)
+}
+
+/// Every probe client's settings: bounded, no redirects, and rustls only
+/// (the same TLS stack, and verification, as the sidecars).
+fn builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .use_rustls_tls()
 }
 
 /// A failed request said as an operator reads it: the cause, not the URL
@@ -83,7 +136,15 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
+        // A refused handshake: what TLS refused (an unknown issuer, a
+        // certificate for another name).
+        if let Some(t) = s.downcast_ref::<rustls::Error>() {
+            return format!("TLS handshake failed: {t}");
+        }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return format!("TLS handshake failed: {t}");
+            }
             return match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
                 std::io::ErrorKind::ConnectionReset => "connection reset".into(),
@@ -143,11 +204,7 @@ pub async fn run(
         .timeout
         .min(config.every)
         .max(Duration::from_millis(1));
-    let client = match reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+    let client = match builder(timeout).build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "no HTTP client; endpoints will not be probed");
@@ -158,6 +215,7 @@ pub async fn run(
     // What was already said about each endpoint, so it is said once.
     let mut unprobed: BTreeSet<String> = BTreeSet::new();
     let mut no_credential: BTreeMap<String, String> = BTreeMap::new();
+    let mut tls_clients = BTreeMap::new();
     let mut tick = tokio::time::interval(config.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,14 +223,16 @@ pub async fn run(
         let endpoints: Vec<Endpoint> = tables.borrow().policy.endpoints.clone();
         let mut targets = Vec::new();
         for e in &endpoints {
-            let url = match probe_url(e) {
-                Ok(u) => {
+            let target = probe_url(e)
+                .and_then(|u| Ok((u, client_for(e, &client, &mut tls_clients, timeout)?)));
+            let (url, client) = match target {
+                Ok(t) => {
                     unprobed.remove(&e.name);
-                    u
+                    t
                 }
                 Err(why) => {
                     if unprobed.insert(e.name.clone()) {
-                        tracing::debug!(endpoint = %e.name, reason = %why, "endpoint not probed");
+                        tracing::info!(endpoint = %e.name, reason = %why, "endpoint not probed");
                     }
                     continue;
                 }
@@ -193,15 +253,13 @@ pub async fn run(
                     (None, true)
                 }
             };
-            targets.push((e.name.clone(), url, e.api, auth, withheld));
+            targets.push((e.name.clone(), url, client, e.api, auth, withheld));
         }
+        tls_clients.retain(|name, _| endpoints.iter().any(|e| &e.name == name));
         let results = futures::future::join_all(targets.into_iter().map(
-            |(name, url, api, auth, withheld)| {
-                let client = client.clone();
-                async move {
-                    let r = probe(&client, &url, api, auth, withheld, timeout).await;
-                    (name, r)
-                }
+            |(name, url, client, api, auth, withheld)| async move {
+                let r = probe(&client, &url, api, auth, withheld, timeout).await;
+                (name, r)
             },
         ))
         .await;
@@ -271,7 +329,10 @@ mod tests {
             probe_url(&endpoint("http://h/openai/", Some("/health"))),
             Ok("http://h/openai/health".into())
         );
-        assert!(probe_url(&endpoint("https://api.example.com", None)).is_err());
+        assert_eq!(
+            probe_url(&endpoint("https://api.example.com/v1x", None)),
+            Ok("https://api.example.com/v1x/v1/models".into())
+        );
     }
 
     #[test]

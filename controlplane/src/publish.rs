@@ -59,6 +59,22 @@ fn publication(policy: Policy, decision: Decision, version: u64) -> Published {
     }
 }
 
+/// Parses and validates the policy, and checks the TLS files it names
+/// where this host has them: whatever a sidecar could not apply is refused
+/// here, so no table naming it is ever pushed.
+fn parse(path: &Path, src: &str) -> Result<Policy, LoadError> {
+    let invalid = |source| LoadError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    };
+    let policy = Policy::parse(src).map_err(invalid)?;
+    for u in policy.check_files(src).map_err(invalid)? {
+        tracing::warn!(field = %u.field, reason = %u.reason,
+            "TLS file not checked here (not on this host?); each sidecar checks it when it applies a table");
+    }
+    Ok(policy)
+}
+
 pub struct Publisher {
     path: PathBuf,
     last_src: String,
@@ -76,10 +92,7 @@ impl Publisher {
         decide: impl FnOnce(&Policy) -> Decision,
     ) -> Result<(Self, watch::Receiver<Arc<Published>>), LoadError> {
         let src = read(path)?;
-        let policy = Policy::parse(&src).map_err(|source| LoadError::Invalid {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let policy = parse(path, &src)?;
         let version = next_version(last_version, now_ms());
         let decision = decide(&policy);
         let (tx, rx) = watch::channel(Arc::new(publication(policy, decision, version)));
@@ -104,10 +117,7 @@ impl Publisher {
         // Remember the source even when invalid, so one bad edit is reported
         // once and not on every poll.
         self.last_src = src;
-        let policy = Policy::parse(&self.last_src).map_err(|source| LoadError::Invalid {
-            path: self.path.clone(),
-            source,
-        })?;
+        let policy = parse(&self.path, &self.last_src)?;
         if policy == self.tx.borrow().policy {
             return Ok(None);
         }

@@ -52,6 +52,9 @@ pub fn table(policy: &Policy, decision: &Decision, version: u64) -> pb::RoutingT
             price_cached_input_per_mtok: e.price.cached_input_per_mtok,
             price_cache_write_input_per_mtok: e.price.cache_write_input_per_mtok,
             credential: e.credential.clone().unwrap_or_default(),
+            ca_file: e.ca_file.clone().unwrap_or_default(),
+            client_cert: e.client_cert.clone().unwrap_or_default(),
+            client_key: e.client_key.clone().unwrap_or_default(),
             capacity: e.capacity,
             over_budget: decision.over_spend_budget.contains_key(&e.name),
         })

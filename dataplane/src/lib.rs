@@ -203,9 +203,9 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
     // With `upgrade`, this waits (about 6 s at most) for the old sidecar
     // to send its listening socket, and exits 1 if none comes.
     server.bootstrap();
-    let connections = pool::Connections::new(TransportConnector::new(Some(
-        ConnectorOptions::from_server_conf(&server.configuration),
-    )));
+    let mut connector = ConnectorOptions::from_server_conf(&server.configuration);
+    system_roots(&mut connector);
+    let connections = pool::Connections::new(TransportConnector::new(Some(connector)));
     let sidecar = proxy::Sidecar {
         tables,
         live,
@@ -223,6 +223,30 @@ pub fn run(config: SidecarConfig, source: control::TableSource) -> Result<(), Si
     server.add_service(service);
     tracing::info!(listen = %config.listen, tables_from = %from, "sidecar starting");
     server.run_forever()
+}
+
+/// The system's trust roots for https endpoints without a `ca_file`.
+/// pingora's rustls connector loads them (the platform's store,
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` included) when it is built, and
+/// panics if it cannot; they are loaded here first the same way, and when
+/// that fails the connector starts with no roots (an empty bundle) instead:
+/// the sidecar still serves http endpoints and https ones with their own
+/// `ca_file`, and the others fail verification with the cause logged here.
+fn system_roots(connector: &mut ConnectorOptions) {
+    if connector.ca_file.is_some() {
+        return;
+    }
+    let mut store = pingora::tls::RootCertStore::empty();
+    match pingora::tls::load_platform_certs_incl_env_into_store(&mut store) {
+        Ok(()) if store.is_empty() => tracing::warn!(
+            "no system trust roots found: https endpoints without a ca_file will fail verification"
+        ),
+        Ok(()) => tracing::debug!(roots = store.len(), "system trust roots loaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot load the system trust roots: https endpoints without a ca_file will fail verification");
+            connector.ca_file = Some("/dev/null".into());
+        }
+    }
 }
 
 /// The upgrade socket's path as pingora takes it, refused here when pingora

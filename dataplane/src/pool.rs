@@ -95,7 +95,10 @@ impl Idle {
 }
 
 /// Whether an idle connection is still open and quiet: a provider that
-/// closed it (or, wrongly, sent something) makes it unusable.
+/// closed it (or, wrongly, sent something) makes it unusable. Over TLS the
+/// read goes through rustls: messages that carry no data (TLS 1.3 session
+/// tickets) are consumed and leave it quiet; a close_notify or a bare FIN
+/// ends the read at once, so the connection is dropped.
 fn still_open(stream: &mut Stream) -> bool {
     let mut byte = [0u8; 1];
     // A read that is not ready at once means open and quiet; `unconstrained`
@@ -187,6 +190,83 @@ mod tests {
         let (quiet, _server) = pair().await;
         idle.put(1, stream(quiet), now);
         assert!(idle.take(1, now).is_some());
+    }
+
+    /// A TLS connection from the pool, its TLS 1.3 session tickets
+    /// received while idle, is quiet and reused; once the provider closes
+    /// it (close_notify, then FIN) and that is seen, it is never handed
+    /// out.
+    #[tokio::test]
+    async fn pooled_tls_connections_are_reused_until_the_provider_closes_them() {
+        use pingora::upstreams::peer::HttpPeer;
+        use pingora::utils::tls::{parse_x509, WrappedX509};
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        use std::sync::Arc;
+        use tokio::io::AsyncReadExt;
+
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        let mut peer = HttpPeer::new(addr, true, "127.0.0.1".to_string());
+        let ca: Vec<WrappedX509> = vec![WrappedX509::new(ca.der().to_vec(), parse_x509)];
+        peer.options.ca = Some(Arc::from(ca));
+        let connections = Connections::new(TransportConnector::new(None));
+        let idle = Idle::default();
+        let (client, server) = tokio::join!(connections.get(&idle, &peer), async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await
+        });
+        let (mut client, reused) = client.unwrap();
+        let mut server = server.unwrap();
+        assert!(!reused);
+        // One exchange: the server's post-handshake messages (session
+        // tickets) come before its answer, so the client has them now.
+        let mut buf = [0u8; 4];
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+
+        connections.release(&idle, &peer, client);
+        let (client, reused) = connections.get(&idle, &peer).await.unwrap();
+        assert!(reused, "a quiet TLS connection is reused");
+        connections.release(&idle, &peer, client);
+
+        server.shutdown().await.unwrap();
+        drop(server);
+        // Until tokio has seen the socket readable the connection looks
+        // quiet; from then on it is refused.
+        let end = Instant::now() + Duration::from_secs(10);
+        while let Some(s) = idle.take(peer.reuse_hash(), Instant::now()) {
+            assert!(Instant::now() < end, "a closed TLS connection handed out");
+            idle.put(peer.reuse_hash(), s, Instant::now());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(idle.is_empty());
     }
 
     #[tokio::test]

@@ -97,13 +97,17 @@ impl RttView {
         let Some(addr) = peer._address.as_inet() else {
             return;
         };
-        let Some(l4) = stream
-            .as_any()
-            .downcast_ref::<pingora::protocols::l4::stream::Stream>()
-        else {
+        // A plain TCP stream, or TLS over one (whose id is the socket's).
+        type Tcp = pingora::protocols::l4::stream::Stream;
+        let any = stream.as_any();
+        let fd = if let Some(tcp) = any.downcast_ref::<Tcp>() {
+            tcp.as_raw_fd()
+        } else if let Some(tls) = any.downcast_ref::<pingora::protocols::tls::TlsStream<Tcp>>() {
+            pingora::protocols::UniqueID::id(tls)
+        } else {
             return;
         };
-        self.source.observe(l4.as_raw_fd(), *addr, !reused);
+        self.source.observe(fd, *addr, !reused);
     }
 }
 

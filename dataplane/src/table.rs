@@ -3,6 +3,7 @@
 //! immutable behind `ArcSwap` until the next push replaces it whole.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use bytes::Bytes;
 use http::HeaderValue;
 use parking_lot::Mutex;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
-use switchyard_policy::ApiKind;
+use switchyard_policy::tls::{self, TlsPaths};
+use switchyard_policy::{ApiKind, EndpointUrl};
 use switchyard_proto::v1 as pb;
 use switchyard_wire::operation::Operation;
 use switchyard_wire::usage::Prices;
@@ -305,36 +308,60 @@ pub enum RouteError<'a> {
     NotOffered,
 }
 
-/// Splits an endpoint URL into what resolution and the request need.
-/// Returns (host, port, path prefix without trailing slash, authority).
-pub fn parse_url(raw: &str) -> Result<(String, u16, String, String), String> {
-    let u = url::Url::parse(raw).map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
-    match u.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(
-                "https endpoints need TLS, which this sidecar build does not include".into(),
-            )
-        }
-        s => return Err(format!("unsupported URL scheme {s:?}")),
-    }
-    let host = u
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("URL {raw:?} has no host"))?
-        .to_string();
-    let port = u
-        .port_or_known_default()
-        .ok_or_else(|| format!("URL {raw:?} has no port"))?;
-    if u.query().is_some() || u.fragment().is_some() {
-        return Err(format!("URL {raw:?} must not have a query or fragment"));
-    }
-    let prefix = u.path().trim_end_matches('/').to_string();
-    let authority = match u.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.clone(),
+/// An endpoint's URL, read as the control plane validated it (one parser
+/// for both, so they agree on what is valid).
+fn endpoint_url(e: &pb::Endpoint) -> Result<EndpointUrl, TableError> {
+    EndpointUrl::parse(&e.url).map_err(|r| endpoint_err(&e.name, format!("url: {r}")))
+}
+
+/// The connection to an https endpoint: TLS with SNI and the name checked
+/// against the URL's host, certificate verification on, the `ca_file`'s
+/// certificates as the only trust anchors when it names one (else the
+/// system's, which the connector loaded once), and the client certificate
+/// for mutual TLS. The files are read here, at each table, so a rotated
+/// file takes effect with the next table; one that cannot be used NACKs
+/// the table with the endpoint and the file named. An http endpoint naming
+/// TLS files is refused too, as the control plane refuses it.
+fn tls_peer(e: &pb::Endpoint, url: &EndpointUrl, addr: SocketAddr) -> Result<HttpPeer, TableError> {
+    let paths = TlsPaths {
+        ca_file: Some(e.ca_file.as_str()),
+        client_cert: Some(e.client_cert.as_str()),
+        client_key: Some(e.client_key.as_str()),
     };
-    Ok((host, port, prefix, authority))
+    if !url.tls {
+        if paths.any() {
+            return Err(endpoint_err(
+                &e.name,
+                "ca_file, client_cert and client_key are for https endpoints only",
+            ));
+        }
+        return Ok(HttpPeer::new(addr, false, String::new()));
+    }
+    let material = tls::load(&paths).map_err(|f| endpoint_err(&e.name, f.to_string()))?;
+    let mut peer = HttpPeer::new(addr, true, url.server_name.clone());
+    peer.options.verify_cert = true;
+    peer.options.verify_hostname = true;
+    if let Some(ca) = material.ca {
+        // `tls::load` parsed each certificate with pingora's own parser,
+        // which panics on one it cannot read.
+        let ca: Vec<WrappedX509> = ca
+            .into_iter()
+            .map(|c| WrappedX509::new(c.to_vec(), parse_x509))
+            .collect();
+        peer.options.ca = Some(Arc::from(ca));
+    }
+    if let Some(id) = material.client {
+        let chain = id.chain.iter().map(|c| c.to_vec()).collect();
+        peer.client_cert_key = Some(Arc::new(CertKey::new(chain, id.key.secret_der().to_vec())));
+    }
+    // The pool keys idle connections by the peer's reuse hash, which covers
+    // the address, SNI and client certificate but not the CA: with the
+    // files' contents in it, a connection verified under an old CA is never
+    // reused under a new one.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    material.fingerprint.hash(&mut h);
+    peer.group_key = h.finish();
+    Ok(peer)
 }
 
 /// Resolves every endpoint's host. Runs on the control thread, never on the
@@ -342,8 +369,8 @@ pub fn parse_url(raw: &str) -> Result<(String, u16, String, String), String> {
 pub async fn resolve(table: &pb::RoutingTable) -> Result<HashMap<String, SocketAddr>, TableError> {
     let mut out = HashMap::with_capacity(table.endpoints.len());
     for e in &table.endpoints {
-        let (host, port, _, _) = parse_url(&e.url).map_err(|r| endpoint_err(&e.name, r))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let url = endpoint_url(e)?;
+        let (host, port) = (url.server_name.as_str(), url.port);
         // Bounded: a resolver that hangs must not hold the control thread
         // (and with it reconnecting, or a start from the saved table).
         let addr = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
@@ -381,8 +408,7 @@ impl Table {
             if index.insert(&e.name, endpoints.len()).is_some() {
                 return Err(endpoint_err(&e.name, "is defined twice"));
             }
-            let (_, _, prefix, authority) =
-                parse_url(&e.url).map_err(|r| endpoint_err(&e.name, r))?;
+            let url = endpoint_url(e)?;
             let addr = *addrs
                 .get(&e.name)
                 .ok_or_else(|| endpoint_err(&e.name, "address not resolved"))?;
@@ -455,9 +481,10 @@ impl Table {
                 }
             }
             models.extend(e.models.iter().cloned());
-            let mut peer = HttpPeer::new(addr, false, String::new());
+            let mut peer = tls_peer(e, &url, addr)?;
+            // Bounds the TCP connect and, apart, the TLS handshake.
             peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-            let authority = HeaderValue::try_from(authority)
+            let authority = HeaderValue::try_from(url.authority.as_str())
                 .map_err(|_| endpoint_err(&e.name, "the URL's host cannot be a Host header"))?;
             let name: Arc<str> = Arc::from(e.name.as_str());
             let name_header = HeaderValue::try_from(e.name.as_str())
@@ -471,7 +498,7 @@ impl Table {
                 peer,
                 authority,
                 api,
-                paths: Paths::new(api, &prefix, &e.api_version),
+                paths: Paths::new(api, &url.prefix, &e.api_version),
                 prices,
                 credential,
                 capacity: e.capacity,
@@ -689,6 +716,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::upstreams::peer::Peer;
 
     fn ep(name: &str, port: u16, tier: pb::Tier, models: &[&str]) -> pb::Endpoint {
         pb::Endpoint {
@@ -946,16 +974,112 @@ mod tests {
     }
 
     #[test]
-    fn urls_split_into_address_and_path() {
-        let (h, p, prefix, auth) = parse_url("http://[::1]:8080/openai/").unwrap();
+    fn urls_split_into_address_path_and_host_header() {
+        let mut t = table();
+        t.endpoints[0].url = "http://[::1]:8080/openai/".into();
+        t.endpoints[1].url = "https://127.0.0.1/".into();
+        let c = compile(&t).unwrap();
+        let (a, b) = (&c.endpoints[0], &c.endpoints[1]);
         assert_eq!(
-            (h.as_str(), p, prefix.as_str(), auth.as_str()),
-            ("[::1]", 8080, "/openai", "[::1]:8080")
+            a.paths.get(Operation::Chat, "m1"),
+            &b"/openai/v1/chat/completions"[..]
         );
-        let (_, p, prefix, auth) = parse_url("http://example.com").unwrap();
-        assert_eq!((p, prefix.as_str(), auth.as_str()), (80, "", "example.com"));
-        assert!(parse_url("https://example.com").is_err());
-        assert!(parse_url("ftp://example.com").is_err());
-        assert!(parse_url("not a url").is_err());
+        assert_eq!(a.authority, "[::1]:8080");
+        assert!(!a.peer.is_tls());
+        // https: TLS, SNI from the URL, verification on, default port
+        // left out of the Host header.
+        assert_eq!(b.authority, "127.0.0.1");
+        assert!(b.peer.is_tls() && b.peer.sni == "127.0.0.1");
+        assert!(b.peer.options.verify_cert && b.peer.options.verify_hostname);
+        assert!(b.peer.options.ca.is_none() && b.peer.client_cert_key.is_none());
+        for bad in ["ftp://example.com", "not a url", "http://u:p@example.com"] {
+            t.endpoints[0].url = bad.into();
+            let e = compile(&t).unwrap_err();
+            assert!(
+                matches!(&e, TableError::Endpoint { name, .. } if name == "a"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_used_nack_naming_endpoint_and_file() {
+        let dir = std::env::temp_dir().join(format!("switchyard-table-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let junk = junk.to_str().unwrap().to_string();
+
+        let mut t = table();
+        t.endpoints[1].url = "https://127.0.0.1:2/".into();
+        t.endpoints[1].ca_file = junk.clone();
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("\"b\"") && e.contains("ca_file") && e.contains(&junk),
+            "{e}"
+        );
+
+        t.endpoints[1].ca_file = "/nonexistent/ca.pem".into();
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("/nonexistent/ca.pem") && e.contains("cannot be read"),
+            "{e}"
+        );
+
+        t.endpoints[1].ca_file = String::new();
+        t.endpoints[1].client_cert = junk.clone();
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(e.contains("client_key"), "{e}");
+
+        // Good files: the CA is the peer's only trust anchor, the client
+        // pair is presented, and another CA makes another pool key.
+        let pem = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let issue = |label: &str| {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+            let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = ca.self_signed(&ca_key).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let leaf = CertificateParams::new(vec!["sidecar".to_string()])
+                .unwrap()
+                .signed_by(&key, &ca, &ca_key)
+                .unwrap();
+            (
+                pem(&format!("{label}-ca.pem"), ca.pem()),
+                pem(&format!("{label}-client.pem"), leaf.pem()),
+                pem(&format!("{label}-client.key"), key.serialize_pem()),
+            )
+        };
+        let (ca, cert, key) = issue("one");
+        t.endpoints[1].ca_file = ca;
+        t.endpoints[1].client_cert = cert;
+        t.endpoints[1].client_key = key;
+        let c = compile(&t).unwrap();
+        let peer = &c.endpoints[1].peer;
+        assert_eq!(peer.options.ca.as_ref().map(|ca| ca.len()), Some(1));
+        assert!(peer.client_cert_key.is_some());
+        let (other_ca, _, _) = issue("two");
+        t.endpoints[1].ca_file = other_ca;
+        let c2 = compile(&t).unwrap();
+        assert_ne!(
+            peer.reuse_hash(),
+            c2.endpoints[1].peer.reuse_hash(),
+            "connections verified under one CA are not pooled under another"
+        );
+
+        // TLS files on an http endpoint: refused, as the control plane does.
+        let mut t = table();
+        t.endpoints[0].ca_file = junk;
+        let e = compile(&t).unwrap_err().to_string();
+        assert!(e.contains("https endpoints only"), "{e}");
     }
 }

@@ -86,6 +86,8 @@ struct Shared {
     embeddings: AtomicU64,
     text_completions: AtomicU64,
     completions: Mutex<Kept>,
+    /// TLS connections accepted (handshakes completed); 0 in plain text.
+    tls_connections: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -112,6 +114,19 @@ pub async fn serve(
     config: MockConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MockError> {
+    let (app, _) = router(config);
+    // Without TCP_NODELAY, streamed tokens (many small writes) wait on the
+    // peer's delayed ACK: 40 ms stalls a real provider does not have.
+    axum::serve(listener, app)
+        .tcp_nodelay(true)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The mock's routes over fresh state, and the count of TLS connections
+/// accepted that `/admin/stats` shows (`serve_tls` counts them).
+pub(crate) fn router(config: MockConfig) -> (Router, Arc<AtomicU64>) {
     let slots = config
         .capacity
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1) as usize)));
@@ -133,7 +148,9 @@ pub async fn serve(
         embeddings: AtomicU64::new(0),
         text_completions: AtomicU64::new(0),
         completions: Mutex::new(Kept::default()),
+        tls_connections: Arc::default(),
     });
+    let tls_connections = Arc::clone(&shared.tls_connections);
     let app = api_routes(shared.config.api)
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -142,13 +159,7 @@ pub async fn serve(
         .route("/admin/stats", get(stats))
         .route("/admin/completions/:id", get(completion))
         .with_state(shared);
-    // Without TCP_NODELAY, streamed tokens (many small writes) wait on the
-    // peer's delayed ACK: 40 ms stalls a real provider does not have.
-    axum::serve(listener, app)
-        .tcp_nodelay(true)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    (app, tls_connections)
 }
 
 /// The routes of the API the mock speaks.
@@ -700,6 +711,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
         "messages": s.messages.load(Ordering::Relaxed),
         "embeddings": s.embeddings.load(Ordering::Relaxed),
         "completions": s.text_completions.load(Ordering::Relaxed),
+        "tls_connections": s.tls_connections.load(Ordering::Relaxed),
     }))
 }
 

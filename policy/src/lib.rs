@@ -4,18 +4,22 @@
 //! One entry point, [`Policy::parse`], takes any text and returns either a
 //! valid policy or a [`PolicyError`]; it never panics, so a fuzzer can call
 //! it on anything. The crate has no I/O (but for reading a provider key,
-//! `CredentialRef::read_key`, when a caller asks) and no gRPC, database or runtime
-//! dependency: the control plane, a standalone sidecar or a fuzz target
-//! can all use it cheaply.
+//! `CredentialRef::read_key`, and an endpoint's TLS files, `tls::load` and
+//! [`Policy::check_files`], when a caller asks) and no gRPC, database or
+//! runtime dependency: the control plane, a standalone sidecar or a fuzz
+//! target can all use it cheaply.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod credential;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use serde::Deserialize;
 
+pub use address::EndpointUrl;
 pub use credential::CredentialRef;
 
 /// An endpoint's models: logical names, as apps ask for them, each with
@@ -216,6 +220,18 @@ pub struct Endpoint {
     /// [`AZURE_API_VERSION`] when absent.
     #[serde(default)]
     pub api_version: Option<String>,
+    /// https only: a PEM bundle of CA certificates, the endpoint's only
+    /// trust anchors instead of the system's (an on-prem server behind an
+    /// internal CA). A path each sidecar reads, as a `file:` credential.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// https only: a PEM client certificate (chain, leaf first) the sidecar
+    /// presents to the endpoint (mutual TLS); needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// https only: the PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 impl Endpoint {
@@ -233,6 +249,15 @@ impl Endpoint {
             (None, ApiKind::Azure) => {
                 format!("/openai/models?api-version={}", self.azure_api_version())
             }
+        }
+    }
+
+    /// The TLS files it names.
+    pub fn tls_paths(&self) -> tls::TlsPaths<'_> {
+        tls::TlsPaths {
+            ca_file: self.ca_file.as_deref(),
+            client_cert: self.client_cert.as_deref(),
+            client_key: self.client_key.as_deref(),
         }
     }
 }
@@ -479,8 +504,12 @@ impl Policy {
                     format!("{:?} is used by another endpoint", e.name),
                 );
             }
-            if let Err(m) = check_url(&e.url) {
-                return err(at("url"), m);
+            let url = match EndpointUrl::parse(&e.url) {
+                Ok(u) => u,
+                Err(m) => return err(at("url"), m),
+            };
+            if let Err((f, m)) = check_tls_fields(e, url.tls) {
+                return err(at(f), m);
             }
             if !self.tiers.contains(&e.tier) {
                 return err(
@@ -728,6 +757,98 @@ impl Routing {
             ));
         }
         Ok(())
+    }
+}
+
+/// What can be known of an endpoint's TLS files without reading them:
+/// named only for https, absolute paths (the sidecars read them, from
+/// wherever they run), client certificate and key together.
+fn check_tls_fields(e: &Endpoint, https: bool) -> Result<(), (&'static str, String)> {
+    for (f, v) in [
+        ("ca_file", &e.ca_file),
+        ("client_cert", &e.client_cert),
+        ("client_key", &e.client_key),
+    ] {
+        let Some(path) = v else { continue };
+        if !https {
+            return Err((
+                f,
+                "only an https endpoint uses TLS files; its url is http".into(),
+            ));
+        }
+        if !path.starts_with('/') {
+            return Err((
+                f,
+                format!("{path:?} must be an absolute path (each sidecar reads it)"),
+            ));
+        }
+    }
+    match (&e.client_cert, &e.client_key) {
+        (Some(_), None) => Err((
+            "client_cert",
+            "needs client_key: mutual TLS takes both".into(),
+        )),
+        (None, Some(_)) => Err((
+            "client_key",
+            "needs client_cert: mutual TLS takes both".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A TLS file the control plane could not read, so only the sidecars
+/// check it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unchecked {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Policy {
+    /// Reads the TLS files every endpoint names and checks them as the
+    /// sidecars will (`tls::load`), so a file they would refuse is refused
+    /// here, with its field and line, before any table names it. A file
+    /// absent or unreadable here (it may live beside the sidecars only) is
+    /// returned as unchecked instead. `src` is the policy's text, for lines.
+    pub fn check_files(&self, src: &str) -> Result<Vec<Unchecked>, PolicyError> {
+        let mut unchecked = Vec::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let paths = e.tls_paths();
+            if !paths.any() {
+                continue;
+            }
+            // Each file alone first, so one the control plane cannot read
+            // does not keep the others unchecked.
+            let single = [
+                tls::TlsPaths {
+                    ca_file: paths.ca_file,
+                    ..Default::default()
+                },
+                tls::TlsPaths {
+                    client_cert: paths.client_cert,
+                    client_key: paths.client_key,
+                    ..Default::default()
+                },
+            ];
+            for p in single.iter().filter(|p| p.any()) {
+                match tls::load(p) {
+                    Ok(_) => {}
+                    Err(err) if err.unreadable_here() => unchecked.push(Unchecked {
+                        field: format!("endpoints[{i}].{}", err.field()),
+                        reason: err.to_string(),
+                    }),
+                    Err(err) => {
+                        let field = format!("endpoints[{i}].{}", err.field());
+                        return Err(PolicyError {
+                            line: locate(src, &field),
+                            field,
+                            message: err.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(unchecked)
     }
 }
 
@@ -1025,6 +1146,80 @@ classes:
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn tls_files_are_for_https_only_absolute_and_the_client_pair_goes_together() {
+        let https = GOOD.replace("http://127.0.0.1:9002", "https://gpu.internal:8443");
+        let with =
+            |extra: &str| https.replace("    tier: burst\n", &format!("    tier: burst\n{extra}"));
+        let p = Policy::parse(&with(
+            "    ca_file: /etc/ca.pem\n    client_cert: /etc/c.pem\n    client_key: /etc/c.key\n",
+        ))
+        .unwrap();
+        assert_eq!(p.endpoints[1].ca_file.as_deref(), Some("/etc/ca.pem"));
+        assert!(p.endpoints[1].tls_paths().any() && !p.endpoints[0].tls_paths().any());
+
+        let cases = [
+            (
+                GOOD.replace(
+                    "    tier: burst\n",
+                    "    tier: burst\n    ca_file: /etc/ca.pem\n",
+                ),
+                "endpoints[1].ca_file",
+                "https",
+            ),
+            (
+                with("    client_cert: /etc/c.pem\n"),
+                "endpoints[1].client_cert",
+                "client_key",
+            ),
+            (
+                with("    client_key: /etc/c.key\n"),
+                "endpoints[1].client_key",
+                "client_cert",
+            ),
+            (
+                with("    ca_file: ca.pem\n"),
+                "endpoints[1].ca_file",
+                "absolute",
+            ),
+        ];
+        for (src, field, says) in cases {
+            let e = Policy::parse(&src).unwrap_err();
+            assert_eq!((e.field.as_str(), e.line), (field, Some(11)), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn tls_files_readable_here_are_checked_at_load_with_field_and_line() {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-policy-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let src = GOOD
+            .replace("http://127.0.0.1:9002", "https://127.0.0.1:9002")
+            .replace(
+                "    tier: burst\n",
+                &format!("    tier: burst\n    ca_file: {}\n", junk.display()),
+            );
+        let p = Policy::parse(&src).unwrap();
+        let e = p.check_files(&src).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("endpoints[1].ca_file", Some(11))
+        );
+        assert!(e.message.contains("no PEM certificate"), "{e}");
+
+        // Not on this host: left to the sidecars, and said.
+        let absent = src.replace(&junk.display().to_string(), "/nonexistent/ca.pem");
+        let p = Policy::parse(&absent).unwrap();
+        let unchecked = p.check_files(&absent).unwrap();
+        assert_eq!(unchecked.len(), 1);
+        assert_eq!(unchecked[0].field, "endpoints[1].ca_file");
+        assert_eq!(Policy::parse(GOOD).unwrap().check_files(GOOD), Ok(vec![]));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Mock {
     pub tier: String,
     pub addr: SocketAddr,
     pub proc: Proc,
+    /// Serves TLS (started with `--tls-cert`): its URLs are https.
+    pub tls: bool,
 }
 
 impl Mock {
@@ -41,11 +43,13 @@ impl Mock {
             tier: tier.into(),
             addr,
             proc,
+            tls: extra.contains(&"--tls-cert"),
         }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     pub async fn configure(&self, http: &reqwest::Client, patch: serde_json::Value) {

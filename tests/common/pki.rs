@@ -1,6 +1,6 @@
-//! A throwaway PKI for TLS tests: a CA, a server certificate for
-//! 127.0.0.1 and localhost, and a client certificate, all signed by it;
-//! written as PEM files in a run directory.
+//! A throwaway PKI for TLS tests: a CA, a server certificate (for
+//! 127.0.0.1 and localhost unless told otherwise), and a client
+//! certificate, all signed by it; written as PEM files in a run directory.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,12 @@ fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
 
 /// A new CA named `label` and certificates it signed, under `dir`.
 pub fn issue(dir: &Path, label: &str) -> Pki {
+    issue_for(dir, label, &["127.0.0.1", "localhost"])
+}
+
+/// Like [`issue`], with the server certificate for `names` (DNS names or
+/// IP addresses) instead.
+pub fn issue_for(dir: &Path, label: &str, names: &[&str]) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -39,9 +45,9 @@ pub fn issue(dir: &Path, label: &str) -> Pki {
         (cert.pem(), key.serialize_pem())
     };
     let (server, server_key) = leaf(
-        vec!["127.0.0.1".into(), "localhost".into()],
+        names.iter().map(|n| n.to_string()).collect(),
         ExtendedKeyUsagePurpose::ServerAuth,
-        "control plane",
+        "server",
     );
     let (client, client_key) = leaf(
         vec!["sidecar".into()],

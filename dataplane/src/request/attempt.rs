@@ -196,6 +196,47 @@ fn is_connect(e: &pingora::Error) -> bool {
     )
 }
 
+/// A connection that could not be made, said as an operator reads it: the
+/// endpoint, and what failed. A refused TLS handshake (a certificate the
+/// endpoint's trust anchors do not vouch for, or not for its name; a
+/// client certificate it refused) is a setup fault no retry mends, so it
+/// is logged as a warning; like any connect failure it moves the request
+/// to the next endpoint.
+fn connect_failed(ep: &Endpoint, e: &pingora::Error) -> AttemptError {
+    let tls = matches!(
+        e.etype(),
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSWantX509Lookup
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+    );
+    let text = e.to_string();
+    if tls {
+        let cause = tls_cause(&text);
+        tracing::warn!(endpoint = %ep.name, server_name = %ep.peer.sni, error = %cause,
+            "TLS handshake with the endpoint failed");
+        AttemptError::Connect(format!(
+            "endpoint {:?}: TLS handshake with {} failed: {cause}",
+            &*ep.name, ep.peer.sni
+        ))
+    } else {
+        AttemptError::Connect(format!("endpoint {:?}: {}", &*ep.name, text.trim()))
+    }
+}
+
+/// What a refused handshake's error says TLS refused. pingora renders it
+/// as a chain (`TLS connect() failed:  TLSHandshakeFailure context: ...
+/// cause: invalid peer certificate: UnknownIssuer, SNI: host cause: local
+/// address ...`); the last cause before the SNI is rustls's own words. A
+/// rendering of another shape is kept whole.
+fn tls_cause(text: &str) -> &str {
+    let t = text
+        .rsplit_once(" cause: local address")
+        .map_or(text, |(t, _)| t);
+    let t = t.rsplit_once(", SNI: ").map_or(t, |(t, _)| t);
+    t.rsplit_once(" cause: ").map_or(t, |(_, c)| c).trim()
+}
+
 /// Sends `request` (head and body, see [`upstream_request`]) to `ep` and
 /// waits for the first body chunk until `ttft_deadline`.
 async fn open(
@@ -211,7 +252,7 @@ async fn open(
         let (mut stream, reused) = connections
             .get(&ep.state.idle, &ep.peer)
             .await
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+            .map_err(|e| connect_failed(ep, &e))?;
         let broken = |e: Box<pingora::Error>| {
             if is_connect(&e) {
                 AttemptError::Connect(e.to_string())
@@ -603,6 +644,17 @@ mod tests {
         assert!(anthropic.contains(&"x-api-key: sk-p".to_string()));
         assert!(anthropic.contains(&"anthropic-version: 2023-06-01".to_string()));
         assert!(!anthropic.iter().any(|h| h.starts_with("authorization")));
+    }
+
+    #[test]
+    fn a_refused_handshake_is_said_in_rustls_words() {
+        let pingora = "TLS connect() failed:  TLSHandshakeFailure context: tls connect error \
+            cause: invalid peer certificate: UnknownIssuer, SNI: 127.0.0.1 cause: local address 127.0.0.1:34672";
+        assert_eq!(
+            tls_cause(pingora),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(tls_cause(" something else "), "something else");
     }
 
     #[test]

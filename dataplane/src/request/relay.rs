@@ -86,7 +86,9 @@ impl Pass {
             return (rest, None);
         }
         let mut out = BytesMut::from(&rest[..]);
-        out.extend_from_slice(&stream_interrupted("the provider ended the stream early").sse_event());
+        out.extend_from_slice(
+            &stream_interrupted("the provider ended the stream early").sse_event(),
+        );
         (out.freeze(), Some(ErrorKind::Broken))
     }
 

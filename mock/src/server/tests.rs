@@ -190,7 +190,10 @@ async fn anthropic_wants_its_headers_and_max_tokens() {
     let (status, v) = m
         .json(
             "/v1/messages",
-            &[("x-api-key", "nope"), ("anthropic-version", ANTHROPIC_VERSION)],
+            &[
+                ("x-api-key", "nope"),
+                ("anthropic-version", ANTHROPIC_VERSION),
+            ],
             body.clone(),
         )
         .await;
