@@ -1,5 +1,5 @@
 //! `switchyard demo`: a control plane, one sidecar and three mock providers
-//! (on-prem, burst, fallback) on loopback, real chat completions through the
+//! (on-prem, burst, and a hosted fallback speaking Anthropic's API) on loopback, real chat completions through the
 //! sidecar (streamed and not), and a live table of where requests went. The
 //! policy is edited twice during the run to show tables being pushed.
 
@@ -72,8 +72,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ];
         let mut endpoints = Vec::new();
         for (name, tier, ttft, gap, pin, pout) in mocks {
+            // The hosted fallback speaks Anthropic's Messages API: the app
+            // still sees OpenAI's, translated by the sidecar.
+            let api = if tier == "fallback" {
+                "anthropic"
+            } else {
+                "openai"
+            };
             let a: Vec<String> = [
                 "mock",
+                "--api",
+                api,
                 "--name",
                 name,
                 "--tier",
@@ -106,7 +115,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     price_out: *pout,
                 })
                 .collect();
-            cluster::policy_yaml(&eps, phase_weights(phase))
+            cluster::policy_yaml(&eps, phase_weights(phase)).replace(
+                "  - name: fallback-hosted\n",
+                "  - name: fallback-hosted\n    api: anthropic\n",
+            )
         };
         let policy = dir.join("policy.yaml");
         cluster::write_atomic(&policy, &policy_for(0))?;

@@ -317,53 +317,79 @@ async fn spend_reaches(stack: &Stack, endpoint: &str, want: f64) {
         .await;
 }
 
-/// Anthropic's usage, cache reads and writes included, priced by the
-/// policy: what the control plane records is what the provider reported,
-/// for a stream whose usage the app never asked for too.
+/// Usage and cost, for every API: what the control plane records for an
+/// endpoint is what its provider reported, priced by the policy; for
+/// Anthropic that includes cache reads and writes (which OpenAI's usage
+/// shape cannot show the app), and holds for a stream whose usage the app
+/// never asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_with_cache_reads_and_writes_is_priced_as_the_provider_reported_it() {
+async fn usage_and_cost_are_what_each_provider_reported() {
     let stack = three_apis("usage", &[]).await;
-    let anthropic = &stack.mocks[2];
-    anthropic
+    stack.mocks[2]
         .configure(
             &stack.http,
             json!({"cached_tokens": 3, "cache_write_tokens": 4}),
         )
         .await;
-    let c = client(&stack, "via-anthropic");
     let prompt = "Count the words in this prompt, which is long enough to have cached parts";
-    let r = c.chat().create(ask(vec![user(prompt)])).await.unwrap();
-    let u = r.usage.expect("usage");
-    let cached = u
-        .prompt_tokens_details
-        .and_then(|d| d.cached_tokens)
-        .expect("cached tokens reported") as f64;
-    assert_eq!(cached, 3.0);
-    // prompt_tokens holds every input token: fresh, read from the cache,
-    // written to it.
-    let (input, output) = (u.prompt_tokens as f64, u.completion_tokens as f64);
-    assert!(input >= 7.0, "{input}");
-    let each = ((input - 3.0 - 4.0) * 3.0 + 3.0 * 0.3 + 4.0 * 3.75 + output * 15.0) / 1e6;
-    spend_reaches(&stack, "hosted-anthropic", each).await;
+    // (class, endpoint, input, output, cached input, cache write) prices,
+    // and the cache writes the mock reports.
+    let priced = [
+        ("via-openai", "onprem-openai", 0.1, 0.2, 0.1, 0.1, 0.0),
+        ("via-azure", "burst-azure", 1.0, 2.0, 1.0, 1.0, 0.0),
+        (
+            "via-anthropic",
+            "hosted-anthropic",
+            3.0,
+            15.0,
+            0.3,
+            3.75,
+            4.0,
+        ),
+    ];
+    for (class, endpoint, pin, pout, pcached, pwrite, written) in priced {
+        let r = client(&stack, class)
+            .chat()
+            .create(ask(vec![user(prompt)]))
+            .await
+            .unwrap();
+        let u = r.usage.expect("usage");
+        let cached = u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0) as f64;
+        // prompt_tokens holds every input token: fresh, read from the
+        // cache, written to it.
+        let (input, output) = (u.prompt_tokens as f64, u.completion_tokens as f64);
+        assert!(input >= cached + written, "{class}: {input}");
+        let each = ((input - cached - written) * pin
+            + cached * pcached
+            + written * pwrite
+            + output * pout)
+            / 1e6;
+        assert!(each > 0.0);
+        spend_reaches(&stack, endpoint, each).await;
 
-    // A stream that did not ask for usage is priced the same, and does not
-    // see the usage chunk.
-    let body = json!({"model": MODEL, "stream": true,
-        "messages": [{"role": "user", "content": prompt}]});
-    let text = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .header("x-switchyard-class", "via-anthropic")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(!text.contains("\"usage\""), "{text}");
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    spend_reaches(&stack, "hosted-anthropic", 2.0 * each).await;
+        // A stream that did not ask for usage is priced the same, and does
+        // not see the usage chunk.
+        let body = json!({"model": MODEL, "stream": true,
+            "messages": [{"role": "user", "content": prompt}]});
+        let text = stack
+            .http
+            .post(stack.url("/v1/chat/completions"))
+            .header("x-switchyard-class", class)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains("\"usage\""), "{class}: {text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{class}: {text}");
+        spend_reaches(&stack, endpoint, 2.0 * each).await;
+    }
+    assert_eq!(stack.mocks[2].stats(&stack.http).await["completed"], 2);
 }
 
 /// Anthropic's errors become OpenAI's: a refusal keeps its status with
@@ -465,10 +491,10 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
 
 /// A class whose chain goes from an on-prem `openai` endpoint to a hosted
 /// `anthropic` one: the on-prem endpoint starts failing in the middle of a
-/// load of concurrent streams, and no request fails; the app sees only
-/// OpenAI's format.
+/// load of concurrent requests, streamed and not, and no request fails;
+/// the app sees only OpenAI's format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load_streamed() {
+async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load() {
     let stack = three_apis("fallback", &["--inter-token-ms", "1"]).await;
     let policy = std::fs::read_to_string(&stack.policy).unwrap();
     // The default class: on-prem, then Anthropic only (no azure tier).
@@ -500,9 +526,10 @@ async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load_streamed()
                         .unwrap();
                     assert!(r.status().is_success());
                 }
+                let stream = i % 2 == 0;
                 let r = http
                     .post(url)
-                    .json(&json!({"model": MODEL, "stream": true,
+                    .json(&json!({"model": MODEL, "stream": stream,
                         "messages": [{"role": "user", "content": format!("request {i}")}]}))
                     .send()
                     .await
@@ -510,28 +537,35 @@ async fn a_failing_openai_endpoint_falls_back_to_anthropic_under_load_streamed()
                 let status = r.status().as_u16();
                 let endpoint = common::header(&r, "x-switchyard-endpoint");
                 let text = r.text().await.unwrap();
-                (status, endpoint, text)
+                (status, endpoint, stream, text)
             }
         })
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
     let mut by_endpoint = std::collections::BTreeMap::<String, usize>::new();
-    for (status, endpoint, text) in &results {
+    for (status, endpoint, stream, text) in &results {
         assert_eq!(*status, 200, "{endpoint}: {text}");
-        assert!(
-            text.trim_end().ends_with("data: [DONE]"),
-            "{endpoint}: {text}"
-        );
         assert!(!text.contains("\"error\""), "{endpoint}: {text}");
-        // OpenAI's chunks only, whoever served.
-        for data in text
-            .split("\n\n")
-            .filter_map(|e| e.trim().strip_prefix("data: "))
-            .filter(|d| *d != "[DONE]")
-        {
-            let v: Value = serde_json::from_str(data).unwrap();
-            assert_eq!(v["object"], "chat.completion.chunk", "{data}");
+        // OpenAI's shapes only, whoever served.
+        if *stream {
+            assert!(
+                text.trim_end().ends_with("data: [DONE]"),
+                "{endpoint}: {text}"
+            );
+            for data in text
+                .split("\n\n")
+                .filter_map(|e| e.trim().strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+            {
+                let v: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(v["object"], "chat.completion.chunk", "{data}");
+            }
+        } else {
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["object"], "chat.completion", "{text}");
+            let words = v["choices"][0]["message"]["content"].as_str().unwrap();
+            assert_eq!(words.split(' ').count(), 40, "{text}");
         }
         *by_endpoint.entry(endpoint.clone()).or_default() += 1;
     }

@@ -327,7 +327,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
     let (s, b) = openai_error(
         stack
             .http
-            .post(stack.url("/v1/embeddings"))
+            .post(stack.url("/v1/audio/speech"))
             .body("{}")
             .send()
             .await
@@ -335,6 +335,19 @@ async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
     )
     .await;
     assert_eq!(s, 404, "{b}");
+    // A route the sidecar serves checks its body as the chat route does.
+    let (s, b) = openai_error(
+        stack
+            .http
+            .post(stack.url("/v1/embeddings"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["param"], "model", "{b}");
     let (s, _) = openai_error(stack.http.get(&chat).send().await.unwrap()).await;
     assert_eq!(s, 405);
     let (s, b) = openai_error(
