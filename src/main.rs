@@ -58,16 +58,9 @@ enum Command {
         /// Bearer token the admin API requires. Without one, only status is served.
         #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
-        /// Serve gRPC over TLS with this certificate chain (PEM), with
-        /// --tls-key. Without it, plain text (loopback, tests).
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// Require client certificates chaining to these CAs (PEM): mutual TLS.
-        #[arg(long, requires = "tls_cert")]
-        client_ca: Option<PathBuf>,
+        /// gRPC over TLS.
+        #[command(flatten)]
+        tls: ServeTls,
         /// How often each endpoint is probed with `GET /v1/models` (or its
         /// policy's `health_path`), in milliseconds; 0 turns probes off.
         /// Two failed probes in a row mark an endpoint down (weight 0),
@@ -254,15 +247,34 @@ struct MockArgs {
     /// Send each token's event in two writes, cut inside a line ending.
     #[arg(long)]
     sse_split_events: bool,
-    /// Serve over TLS with this PEM certificate chain (leaf first).
+    #[command(flatten)]
+    tls: ServeTls,
+}
+
+/// Serving over TLS (the control plane's gRPC, the mock's HTTP): plain
+/// text without these (loopback, tests).
+#[derive(clap::Args, Debug)]
+struct ServeTls {
+    /// Serve over TLS with this PEM certificate chain (leaf first), with
+    /// --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Require a client certificate this PEM CA signed (mutual TLS).
+    /// Require client certificates that chain to these PEM CAs (mutual TLS).
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+}
+
+impl ServeTls {
+    /// Certificate, key and client CA, when TLS was asked for.
+    fn files(self) -> Option<(PathBuf, PathBuf, Option<PathBuf>)> {
+        let client_ca = self.client_ca;
+        self.tls_cert
+            .zip(self.tls_key)
+            .map(|(cert, key)| (cert, key, client_ca))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -344,9 +356,7 @@ fn main() -> anyhow::Result<()> {
             state_dir,
             db,
             admin_token,
-            tls_cert,
-            tls_key,
-            client_ca,
+            tls,
             probe_ms,
             probe_timeout_ms,
         } => runtime()?.block_on(async move {
@@ -373,14 +383,13 @@ fn main() -> anyhow::Result<()> {
                 interval: Duration::from_millis(interval_ms),
                 db,
                 admin_token,
-                tls: match (tls_cert, tls_key) {
-                    (Some(cert), Some(key)) => Some(switchyard_proto::tls::ServerTls {
+                tls: tls
+                    .files()
+                    .map(|(cert, key, client_ca)| switchyard_proto::tls::ServerTls {
                         cert,
                         key,
                         client_ca,
                     }),
-                    _ => None,
-                },
                 probe: (probe_ms > 0).then(|| switchyard_controlplane::probe::ProbeConfig {
                     every: Duration::from_millis(probe_ms),
                     timeout: Duration::from_millis(probe_timeout_ms),
@@ -471,14 +480,14 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         sse_split_events: a.sse_split_events,
     };
     behaviour.validate().map_err(anyhow::Error::msg)?;
-    let tls = match (a.tls_cert, a.tls_key) {
-        (Some(cert), Some(key)) => Some(switchyard_mock::TlsFiles {
+    let tls = a
+        .tls
+        .files()
+        .map(|(cert, key, client_ca)| switchyard_mock::TlsFiles {
             cert,
             key,
-            client_ca: a.client_ca,
-        }),
-        _ => None,
-    };
+            client_ca,
+        });
     // Bad TLS files fail the start, before the address is announced.
     if let Some(files) = &tls {
         switchyard_mock::server_config(files)?;

@@ -77,6 +77,32 @@ fn unsupported(param: impl Into<Cow<'static, str>>, why: &str) -> Invalid {
     invalid(param, "unsupported_value", message)
 }
 
+/// The required string `key` of `o`, named `param` in errors.
+fn string_at<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    param: String,
+) -> Result<&'a String, Invalid> {
+    match o.get(key) {
+        Some(Value::String(v)) => Ok(v),
+        None | Some(Value::Null) => Err(missing(param)),
+        Some(other) => Err(wrong_type(param, "a string", other)),
+    }
+}
+
+/// The required object `key` of `o`, named `param` in errors.
+fn object_at<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    param: String,
+) -> Result<&'a Map<String, Value>, Invalid> {
+    match o.get(key) {
+        Some(Value::Object(v)) => Ok(v),
+        None | Some(Value::Null) => Err(missing(param)),
+        Some(other) => Err(wrong_type(param, "an object", other)),
+    }
+}
+
 /// Present and not null.
 fn given<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     o.get(key).filter(|v| !v.is_null())
@@ -145,11 +171,7 @@ fn image_block(p: &Value, param: &str) -> Result<Value, Invalid> {
     // Some clients send the URL itself rather than `{"url": ...}`.
     let url = match p.get("image_url") {
         Some(Value::String(u)) => u.as_str(),
-        Some(Value::Object(o)) => match o.get("url") {
-            Some(Value::String(u)) => u.as_str(),
-            None | Some(Value::Null) => return Err(missing(format!("{here}.url"))),
-            Some(other) => return Err(wrong_type(format!("{here}.url"), "a string", other)),
-        },
+        Some(Value::Object(o)) => string_at(o, "url", format!("{here}.url"))?.as_str(),
         None | Some(Value::Null) => return Err(missing(here)),
         Some(other) => return Err(wrong_type(here, "an object", other)),
     };
@@ -245,27 +267,9 @@ fn tool_uses(calls: &Value, param: &str, out: &mut Vec<Value>) -> Result<(), Inv
         let Value::Object(c) = c else {
             return Err(wrong_type(here, "an object", c));
         };
-        let id = match c.get("id") {
-            Some(Value::String(id)) => id,
-            None | Some(Value::Null) => return Err(missing(format!("{here}.id"))),
-            Some(other) => return Err(wrong_type(format!("{here}.id"), "a string", other)),
-        };
-        let f = match c.get("function") {
-            Some(Value::Object(f)) => f,
-            None | Some(Value::Null) => return Err(missing(format!("{here}.function"))),
-            Some(other) => return Err(wrong_type(format!("{here}.function"), "an object", other)),
-        };
-        let name = match f.get("name") {
-            Some(Value::String(n)) => n,
-            None | Some(Value::Null) => return Err(missing(format!("{here}.function.name"))),
-            Some(other) => {
-                return Err(wrong_type(
-                    format!("{here}.function.name"),
-                    "a string",
-                    other,
-                ))
-            }
-        };
+        let id = string_at(c, "id", format!("{here}.id"))?;
+        let f = object_at(c, "function", format!("{here}.function"))?;
+        let name = string_at(f, "name", format!("{here}.function.name"))?;
         let args_param = format!("{here}.function.arguments");
         let input = match f.get("arguments") {
             // A call without arguments: OpenAI clients send "" or nothing.
@@ -308,13 +312,7 @@ fn conversation(messages: &Value) -> Result<(Vec<String>, Vec<Turn>), Invalid> {
         let Value::Object(m) = m else {
             return Err(wrong_type(format!("messages[{i}]"), "an object", m));
         };
-        let role = match m.get("role") {
-            Some(Value::String(r)) => r.as_str(),
-            None | Some(Value::Null) => return Err(missing(format!("messages[{i}].role"))),
-            Some(other) => {
-                return Err(wrong_type(format!("messages[{i}].role"), "a string", other))
-            }
-        };
+        let role = string_at(m, "role", format!("messages[{i}].role"))?.as_str();
         let content = format!("messages[{i}].content");
         let (role, blocks) = match role {
             "system" | "developer" => {
@@ -418,22 +416,8 @@ fn tools(v: &Value) -> Result<Vec<Value>, Invalid> {
             }
             Some(other) => return Err(wrong_type(format!("{here}.type"), "a string", other)),
         }
-        let f = match t.get("function") {
-            Some(Value::Object(f)) => f,
-            None | Some(Value::Null) => return Err(missing(format!("{here}.function"))),
-            Some(other) => return Err(wrong_type(format!("{here}.function"), "an object", other)),
-        };
-        let name = match f.get("name") {
-            Some(Value::String(n)) => n,
-            None | Some(Value::Null) => return Err(missing(format!("{here}.function.name"))),
-            Some(other) => {
-                return Err(wrong_type(
-                    format!("{here}.function.name"),
-                    "a string",
-                    other,
-                ))
-            }
-        };
+        let f = object_at(t, "function", format!("{here}.function"))?;
+        let name = string_at(f, "name", format!("{here}.function.name"))?;
         let mut tool = Map::new();
         tool.insert("name".into(), name.clone().into());
         match given(f, "description") {
