@@ -205,6 +205,11 @@ struct MockArgs {
     /// overloaded_error; OpenAI and Azure: 503).
     #[arg(long, default_value_t = 0.0)]
     overloaded_ratio: f64,
+    /// Share of streamed requests overloaded after the answer began
+    /// (Anthropic: 200, message_start, an overloaded_error event; OpenAI
+    /// and Azure: 503).
+    #[arg(long, default_value_t = 0.0)]
+    overloaded_mid_stream_ratio: f64,
     #[arg(long, default_value_t = 1)]
     retry_after_s: u32,
     #[arg(long, default_value_t = 0.0)]
@@ -468,6 +473,7 @@ async fn run_mock(a: MockArgs) -> anyhow::Result<()> {
         error_500_ratio: a.error_500_ratio,
         error_429_ratio: a.error_429_ratio,
         overloaded_ratio: a.overloaded_ratio,
+        overloaded_mid_stream_ratio: a.overloaded_mid_stream_ratio,
         retry_after_s: a.retry_after_s,
         hang_ratio: a.hang_ratio,
         drop_mid_stream_ratio: a.drop_mid_stream_ratio,

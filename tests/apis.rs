@@ -486,6 +486,42 @@ async fn anthropic_errors_are_openai_errors_and_overload_fails_over() {
     }
     let stats = anthropic.stats(&stack.http).await;
     assert!(stats["faults"]["overloaded"].as_u64() >= Some(2), "{stats}");
+
+    // Overloaded after its 200, as Anthropic often is: `message_start`,
+    // then an error event. Nothing of the answer had begun, so the request
+    // still fails over, and the app sees one whole stream from the other
+    // endpoint.
+    anthropic
+        .configure(
+            &stack.http,
+            json!({"overloaded_ratio": 0.0, "overloaded_mid_stream_ratio": 1.0}),
+        )
+        .await;
+    let r = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .header("x-switchyard-class", "via-anthropic")
+        .json(&json!({"model": MODEL, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(
+        common::header(&r, "x-switchyard-endpoint"),
+        "hosted-anthropic"
+    );
+    assert_eq!(common::header(&r, "x-switchyard-attempts"), "2");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("error"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(
+        text.matches("\"role\":\"assistant\"").count(),
+        1,
+        "one answer's start: {text}"
+    );
+    let stats = anthropic.stats(&stack.http).await;
+    assert_eq!(stats["faults"]["overloaded_mid_stream"], 1, "{stats}");
     let _ = std::fs::remove_file(&key);
 }
 

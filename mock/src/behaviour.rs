@@ -22,6 +22,11 @@ pub struct Behaviour {
     /// `overloaded_error`; a 503 from the OpenAI-shaped APIs, as OpenAI
     /// answers when its servers are overloaded.
     pub overloaded_ratio: f64,
+    /// Share of streamed requests that are overloaded after the answer
+    /// began: Anthropic's API answers 200, `message_start`, then an
+    /// `overloaded_error` event (as Anthropic does under load); the
+    /// OpenAI-shaped APIs answer a 503 as for `overloaded_ratio`.
+    pub overloaded_mid_stream_ratio: f64,
     pub retry_after_s: u32,
     /// Share of requests that never get an answer (the connection stays open).
     pub hang_ratio: f64,
@@ -146,6 +151,7 @@ impl Default for Behaviour {
             error_500_ratio: 0.0,
             error_429_ratio: 0.0,
             overloaded_ratio: 0.0,
+            overloaded_mid_stream_ratio: 0.0,
             retry_after_s: 1,
             hang_ratio: 0.0,
             drop_mid_stream_ratio: 0.0,
@@ -166,6 +172,7 @@ pub enum Fault {
     Error500,
     Error429,
     Overloaded,
+    OverloadedMidStream,
     Hang,
     DropMidStream,
 }
@@ -186,6 +193,10 @@ impl Behaviour {
         if draw < edge {
             return Fault::Overloaded;
         }
+        edge += self.overloaded_mid_stream_ratio;
+        if streamed && draw < edge {
+            return Fault::OverloadedMidStream;
+        }
         edge += self.hang_ratio;
         if draw < edge {
             return Fault::Hang;
@@ -202,6 +213,10 @@ impl Behaviour {
             ("error_500_ratio", self.error_500_ratio),
             ("error_429_ratio", self.error_429_ratio),
             ("overloaded_ratio", self.overloaded_ratio),
+            (
+                "overloaded_mid_stream_ratio",
+                self.overloaded_mid_stream_ratio,
+            ),
             ("hang_ratio", self.hang_ratio),
             ("drop_mid_stream_ratio", self.drop_mid_stream_ratio),
         ];

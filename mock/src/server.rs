@@ -284,6 +284,7 @@ fn draw(s: &Shared, b: &Behaviour, streamed: bool) -> Fault {
         Fault::Error500 => "500",
         Fault::Error429 => "429",
         Fault::Overloaded => "overloaded",
+        Fault::OverloadedMidStream => "overloaded_mid_stream",
         Fault::Hang => "hang",
         Fault::DropMidStream => "drop_mid_stream",
     };
@@ -310,7 +311,7 @@ async fn openai_fault(fault: Fault, b: &Behaviour) -> Option<Response> {
                 .insert(header::RETRY_AFTER, HeaderValue::from(b.retry_after_s));
             Some(r)
         }
-        Fault::Overloaded => Some(error(
+        Fault::Overloaded | Fault::OverloadedMidStream => Some(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "injected overload: the server is overloaded or not ready yet",

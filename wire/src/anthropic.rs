@@ -10,9 +10,10 @@
 //! `ApiKind`, which the control plane's probes share).
 //!
 //! What OpenAI has and Anthropic has not is dropped when dropping it keeps
-//! the answer the app asked for (`n: 1`, `seed`, `response_format`,
-//! penalties, `logprobs`, `stream_options`), and refused when it cannot be
-//! honoured (`n` > 1, audio or file parts). What Anthropic has and OpenAI
+//! the answer the app asked for (`n: 1`, `seed`, a `text` response format,
+//! penalties, `logprobs`, `stream_options`, `top_p` beside `temperature`),
+//! and refused when it cannot be honoured (`n` > 1, a JSON response format,
+//! audio or file parts). What Anthropic has and OpenAI
 //! has not (thinking blocks, server tools) is left out of the answer.
 
 use std::borrow::Cow;
@@ -587,11 +588,29 @@ pub fn request(openai_body: &[u8], model: &str, default_max_tokens: u32) -> Resu
     // so what is at most 1 is passed as it is, and hotter asks get the
     // hottest Anthropic allows rather than a 400 for a request the app
     // had every right to send.
-    if let Some(t) = number(&o, "temperature")? {
+    let temperature = number(&o, "temperature")?;
+    if let Some(t) = temperature {
         out.insert("temperature".into(), t.clamp(0.0, 1.0).into());
     }
-    if let Some(p) = number(&o, "top_p")? {
+    // Recent Claude models refuse `temperature` and `top_p` together, and
+    // OpenAI clients often send both (at their defaults): the temperature
+    // is kept, the one Anthropic recommends adjusting.
+    if let Some(p) = number(&o, "top_p")?.filter(|_| temperature.is_none()) {
         out.insert("top_p".into(), p.into());
+    }
+    // A format the app relies on cannot be promised by a model that is
+    // only asked nicely: refused, so the request goes where it can be kept.
+    match given(&o, "response_format") {
+        None => {}
+        Some(Value::Object(f)) if f.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(Value::Object(f)) => {
+            let kind = f.get("type").and_then(Value::as_str).unwrap_or("?");
+            return Err(unsupported(
+                "response_format",
+                &format!("a '{kind}' response format cannot be promised by this provider."),
+            ));
+        }
+        Some(other) => return Err(wrong_type("response_format", "an object", other)),
     }
     match given(&o, "stream") {
         None => {}
@@ -932,6 +951,23 @@ pub fn error_body(status: u16, body: &[u8]) -> Bytes {
     }
 }
 
+/// The HTTP status Anthropic answers an error of type `kind` with, for an
+/// error that arrives inside a stream (after the 200): what the proxy then
+/// counts it as (`overloaded_error` 529 and `rate_limit_error` 429 are
+/// failures to fail over, like their statuses before a stream).
+pub fn status_of(kind: &str) -> u16 {
+    match kind {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "overloaded_error" => 529,
+        _ => 500,
+    }
+}
+
 // ---------------------------------------------------------------------
 // Streams
 // ---------------------------------------------------------------------
@@ -963,12 +999,15 @@ enum EventIn {
         #[serde(default)]
         usage: Option<UsageIn>,
     },
+    ContentBlockStop {
+        index: u64,
+    },
     MessageStop,
     Ping,
     Error {
         error: ErrorDetail,
     },
-    /// `content_block_stop`, and whatever Anthropic adds later.
+    /// Whatever Anthropic adds later.
     #[serde(other)]
     Other,
 }
@@ -993,6 +1032,10 @@ enum BlockIn {
     ToolUse {
         id: String,
         name: String,
+        /// Usually `{}`, the arguments following as deltas; a server that
+        /// sends them whole here sends no deltas.
+        #[serde(default)]
+        input: Option<Value>,
     },
     #[serde(other)]
     Other,
@@ -1034,6 +1077,8 @@ struct ChunkOut<'a> {
 struct ChunkChoice<'a> {
     index: u32,
     delta: DeltaOut<'a>,
+    /// Always null, as OpenAI sends it when none were asked for.
+    logprobs: Option<()>,
     finish_reason: Option<&'static str>,
 }
 
@@ -1077,9 +1122,14 @@ pub struct Stream {
     id: String,
     model: String,
     usage: Option<Usage>,
-    /// Content block index -> tool call index, for the tool_use blocks.
-    tools: Vec<(u64, usize)>,
-    failed: Option<String>,
+    /// The tool_use blocks: content block index, tool call index, and
+    /// whether any of its arguments went out.
+    tools: Vec<(u64, usize, bool)>,
+    /// Something of the answer itself went out: text, a tool call, or
+    /// the end of the message (not only `message_start` or pings).
+    begun: bool,
+    /// An error event's type and message.
+    failed: Option<(String, String)>,
     complete: bool,
 }
 
@@ -1096,6 +1146,7 @@ impl Stream {
             model: String::new(),
             usage: None,
             tools: Vec::new(),
+            begun: false,
             failed: None,
             complete: false,
         }
@@ -1155,7 +1206,20 @@ impl Stream {
     /// An `error` event arrived (its OpenAI-shaped error event was already
     /// emitted): its message.
     pub fn failed(&self) -> Option<&str> {
-        self.failed.as_deref()
+        self.failed.as_ref().map(|(_, message)| message.as_str())
+    }
+
+    /// The type of the error event that ended the stream
+    /// (`overloaded_error`, `rate_limit_error`, `api_error`, ...).
+    pub fn failure_kind(&self) -> Option<&str> {
+        self.failed.as_ref().map(|(kind, _)| kind.as_str())
+    }
+
+    /// Whether the answer itself has begun: a token, a tool call or the
+    /// message's end went out, not only its start. Until then a stream
+    /// that fails has told the app nothing it needs.
+    pub fn begun(&self) -> bool {
+        self.begun
     }
 
     /// The stream ended properly (`message_stop` seen).
@@ -1207,17 +1271,26 @@ impl Stream {
                 index,
                 content_block,
             } => match content_block {
-                BlockIn::Text { text } if !text.is_empty() => self.chunk(
-                    DeltaOut {
-                        content: Some(&text),
-                        ..DeltaOut::default()
-                    },
-                    None,
-                    out,
-                ),
-                BlockIn::ToolUse { id, name } => {
+                BlockIn::Text { text } if !text.is_empty() => {
+                    self.begun = true;
+                    self.chunk(
+                        DeltaOut {
+                            content: Some(&text),
+                            ..DeltaOut::default()
+                        },
+                        None,
+                        out,
+                    )
+                }
+                BlockIn::ToolUse { id, name, input } => {
+                    self.begun = true;
                     let k = self.tools.len();
-                    self.tools.push((index, k));
+                    // Arguments given whole at the start (not the usual
+                    // empty object the deltas then fill) go out with it.
+                    let whole = input
+                        .filter(|v| v.as_object().is_none_or(|o| !o.is_empty()))
+                        .map(|v| v.to_string());
+                    self.tools.push((index, k, whole.is_some()));
                     self.chunk(
                         DeltaOut {
                             tool_calls: Some([ToolDelta {
@@ -1226,7 +1299,7 @@ impl Stream {
                                 kind: Some("function"),
                                 function: FunctionDelta {
                                     name: Some(&name),
-                                    arguments: "",
+                                    arguments: whole.as_deref().unwrap_or(""),
                                 },
                             }]),
                             ..DeltaOut::default()
@@ -1238,18 +1311,24 @@ impl Stream {
                 _ => {}
             },
             EventIn::ContentBlockDelta { index, delta } => match delta {
-                DeltaIn::TextDelta { text } => self.chunk(
-                    DeltaOut {
-                        content: Some(&text),
-                        ..DeltaOut::default()
-                    },
-                    None,
-                    out,
-                ),
+                DeltaIn::TextDelta { text } => {
+                    self.begun = true;
+                    self.chunk(
+                        DeltaOut {
+                            content: Some(&text),
+                            ..DeltaOut::default()
+                        },
+                        None,
+                        out,
+                    )
+                }
                 DeltaIn::InputJsonDelta { partial_json } => {
-                    let Some(&(_, k)) = self.tools.iter().find(|(b, _)| *b == index) else {
+                    let Some((_, k, sent)) = self.tools.iter_mut().find(|(b, _, _)| *b == index)
+                    else {
                         return;
                     };
+                    let k = *k;
+                    *sent |= !partial_json.is_empty();
                     self.chunk(
                         DeltaOut {
                             tool_calls: Some([ToolDelta {
@@ -1269,7 +1348,36 @@ impl Stream {
                 }
                 DeltaIn::Other => {}
             },
+            EventIn::ContentBlockStop { index } => {
+                // A tool that takes no arguments gets `{}`, as in a whole
+                // answer, so the app's pieces add up to JSON.
+                let Some((_, k, sent)) = self.tools.iter_mut().find(|(b, _, _)| *b == index) else {
+                    return;
+                };
+                if *sent {
+                    return;
+                }
+                *sent = true;
+                let k = *k;
+                self.chunk(
+                    DeltaOut {
+                        tool_calls: Some([ToolDelta {
+                            index: k,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: "{}",
+                            },
+                        }]),
+                        ..DeltaOut::default()
+                    },
+                    None,
+                    out,
+                );
+            }
             EventIn::MessageDelta { delta, usage } => {
+                self.begun = true;
                 if let Some(u) = &usage {
                     self.usage.get_or_insert_with(Usage::default).update(u);
                 }
@@ -1297,16 +1405,21 @@ impl Stream {
     }
 
     fn fail(&mut self, kind: &str, message: &str, out: &mut BytesMut) {
+        // One terminating error event, whatever follows.
+        if self.failed.is_some() {
+            return;
+        }
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&error_json(kind, message));
         out.extend_from_slice(b"\n\n");
-        self.failed = Some(message.to_owned());
+        self.failed = Some((kind.to_owned(), message.to_owned()));
     }
 
     fn chunk(&self, delta: DeltaOut<'_>, finish: Option<&'static str>, out: &mut BytesMut) {
         let choices = [ChunkChoice {
             index: 0,
             delta,
+            logprobs: None,
             finish_reason: finish,
         }];
         let c = ChunkOut {

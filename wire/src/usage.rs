@@ -242,9 +242,14 @@ pub fn of_chunk(data: &[u8]) -> Option<(Tokens, bool)> {
     c.usage.map(|u| (u.into(), only))
 }
 
-/// A JSON answer (or one SSE event) larger than this is passed on without
-/// its usage being read.
+/// A JSON answer larger than this is not held whole: its usage is read from
+/// its last [`TAIL`] bytes (an SSE event larger than this is passed on
+/// without its usage being read).
 pub const MAX_SCANNED: usize = 1 << 20;
+
+/// What is kept of a JSON answer past [`MAX_SCANNED`]: room for a usage
+/// object many times over.
+pub const TAIL: usize = 64 << 10;
 
 /// Reads the usage of an answer as it passes (see the module docs).
 #[derive(Debug)]
@@ -255,11 +260,14 @@ pub struct UsageScan {
 
 #[derive(Debug)]
 enum Kind {
-    /// A JSON answer: its reads, kept (one without a copy) until the end.
+    /// A JSON answer: its reads, kept (one without a copy) until the end;
+    /// past [`MAX_SCANNED`], only its last [`TAIL`] bytes (`tail`), where
+    /// `usage` is when it is the last member (a large embeddings answer
+    /// must still be accounted).
     Json {
         first: Option<Bytes>,
         rest: Option<BytesMut>,
-        overflow: bool,
+        tail: Option<BytesMut>,
     },
     Sse {
         events: EventStream,
@@ -274,7 +282,7 @@ impl UsageScan {
             kind: Kind::Json {
                 first: None,
                 rest: None,
-                overflow: false,
+                tail: None,
             },
             found: None,
         }
@@ -296,20 +304,32 @@ impl UsageScan {
     /// (for a stream: whole events only, see [`EventStream`]).
     pub fn pass(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.kind {
-            Kind::Json {
-                first,
-                rest,
-                overflow,
-            } => {
-                if *overflow {
+            Kind::Json { first, rest, tail } => {
+                if let Some(t) = tail {
+                    t.extend_from_slice(&chunk);
+                    if t.len() > 2 * TAIL {
+                        let _ = t.split_to(t.len() - TAIL);
+                    }
                     return chunk;
                 }
                 let held =
                     first.as_ref().map_or(0, Bytes::len) + rest.as_ref().map_or(0, BytesMut::len);
                 if held + chunk.len() > MAX_SCANNED {
-                    *overflow = true;
-                    *first = None;
-                    *rest = None;
+                    let mut t = BytesMut::with_capacity(2 * TAIL);
+                    for part in [
+                        first.take().as_deref(),
+                        rest.take().as_deref(),
+                        Some(&chunk[..]),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        t.extend_from_slice(part);
+                        if t.len() > 2 * TAIL {
+                            let _ = t.split_to(t.len() - TAIL);
+                        }
+                    }
+                    *tail = Some(t);
                 } else if let Some(r) = rest {
                     r.extend_from_slice(&chunk);
                 } else if let Some(f) = first.take() {
@@ -370,16 +390,13 @@ impl UsageScan {
     /// The usage found, once the answer is over.
     pub fn finish(self) -> Option<Tokens> {
         match self.kind {
-            Kind::Json {
-                first,
-                rest,
-                overflow: false,
-            } => match (rest, first) {
+            Kind::Json { tail: Some(t), .. } => last_member(&t).flatten(),
+            Kind::Json { first, rest, .. } => match (rest, first) {
                 (Some(r), _) => of_answer(&r),
                 (None, Some(f)) => of_answer(&f),
                 (None, None) => None,
             },
-            _ => self.found,
+            Kind::Sse { .. } => self.found,
         }
     }
 }
@@ -527,12 +544,31 @@ mod tests {
     }
 
     #[test]
-    fn a_json_answer_too_large_to_hold_passes_unread() {
+    fn a_json_answer_too_large_to_hold_is_read_from_its_tail() {
+        // A large embeddings answer: megabytes of vectors, usage last.
+        let vectors = format!("[{}0.5]", "0.25,".repeat(MAX_SCANNED / 4));
+        let answer = format!(
+            r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":{vectors}}}],"model":"e","usage":{{"prompt_tokens":9,"total_tokens":9}}}}"#
+        );
+        let want = Tokens {
+            input: 9,
+            ..Tokens::default()
+        };
+        for step in [7_919, 65_536, answer.len()] {
+            let mut j = UsageScan::json();
+            let mut out = Vec::new();
+            for piece in answer.as_bytes().chunks(step) {
+                out.extend_from_slice(&j.pass(Bytes::copy_from_slice(piece)));
+            }
+            assert_eq!(out, answer.as_bytes(), "passed on whole");
+            assert_eq!(j.finish(), Some(want), "reads of {step}");
+        }
+        // Without usage as its last member, a large answer has none found.
         let mut j = UsageScan::json();
-        let big = Bytes::from(vec![b' '; MAX_SCANNED]);
-        assert_eq!(j.pass(big.clone()).len(), big.len());
-        let tail = Bytes::from_static(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
-        assert_eq!(j.pass(tail.clone()), tail);
+        let _ = j.pass(Bytes::from(vec![b' '; MAX_SCANNED]));
+        let _ = j.pass(Bytes::from_static(
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"x":1}"#,
+        ));
         assert_eq!(j.finish(), None);
     }
 

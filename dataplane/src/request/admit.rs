@@ -168,11 +168,18 @@ pub async fn enter<'t>(
         may_exceed_spend: false,
         degraded: None,
     };
+    // Embeddings are never served by another model (its vectors would not
+    // compare with the app's others) nor capped (they produce no tokens):
+    // only a refusal degrades them.
+    let degrade = class
+        .degrade
+        .as_ref()
+        .filter(|d| op != Operation::Embeddings || matches!(d, Degrade::Reject(_)));
     loop {
         let now = Instant::now();
         let decision = admit(
             preferred(a.route, now),
-            class.degrade.as_ref(),
+            degrade,
             a.degraded.is_some(),
             room(a.route, now),
         );
@@ -206,11 +213,7 @@ pub async fn enter<'t>(
                     }
                     Degrade::MaxTokens(n) => {
                         a.may_exceed_spend = true;
-                        // Embeddings produce no tokens to cap, and have no
-                        // `max_tokens` a provider would accept.
-                        if op != Operation::Embeddings {
-                            a.body = switchyard_wire::chat::rewrite(&a.body, None, Some(*n))?;
-                        }
+                        a.body = switchyard_wire::chat::rewrite(&a.body, None, Some(*n))?;
                     }
                     Degrade::Reject(_) => {}
                 }

@@ -30,6 +30,7 @@ use crate::shed::Admission;
 use crate::table::Endpoint;
 use crate::usage::ErrorKind;
 use switchyard_policy::ApiKind;
+use switchyard_wire::anthropic;
 use switchyard_wire::operation::Operation;
 use switchyard_wire::usage::Tokens;
 
@@ -83,10 +84,20 @@ pub struct Opened {
     /// stages (and futures) before the relay ends.
     pub session: Box<HttpSession>,
     pub header: ResponseHeader,
-    pub first: Option<Bytes>,
+    pub head: Head,
     pub ttft: Duration,
-    /// The usage of an answer translated whole here (see [`translate_whole`]).
-    pub tokens: Option<Tokens>,
+}
+
+/// What the attempt read of the answer's body.
+pub enum Head {
+    /// Its first chunk as the provider sent it; none for an empty body.
+    Plain(Option<Bytes>),
+    /// The whole answer, translated to OpenAI's shape, with its usage (see
+    /// [`translate_whole`]).
+    Whole(Bytes, Option<Tokens>),
+    /// A stream in another API, translated up to its first token (see
+    /// [`translate_until_begun`]); the translation goes on in the relay.
+    Stream(Bytes, Box<anthropic::Stream>),
 }
 
 /// A whole answer held for translation may be at most this long.
@@ -305,16 +316,19 @@ async fn open(
                 reason: e.to_string(),
                 stale: false,
             })?;
-        let whole =
-            ep.api == ApiKind::Anthropic && !session.resp_header().is_some_and(is_event_stream);
-        if whole {
-            let status = session.resp_header().map_or(0, |h| h.status.as_u16());
-            let t = translate_whole(&mut session, status, first).await?;
-            return Ok::<_, AttemptError>((session, None, Some(t)));
+        if ep.api != ApiKind::Anthropic {
+            return Ok::<_, AttemptError>((session, Head::Plain(first)));
         }
-        Ok::<_, AttemptError>((session, first, None))
+        let status = session.resp_header().map_or(0, |h| h.status.as_u16());
+        let head = if session.resp_header().is_some_and(is_event_stream) {
+            translate_until_begun(&mut session, first).await?
+        } else {
+            let (body, tokens) = translate_whole(&mut session, status, first).await?;
+            Head::Whole(body, tokens)
+        };
+        Ok::<_, AttemptError>((session, head))
     };
-    let (session, first, translated) = fast_timeout(wait, exchange)
+    let (session, head) = fast_timeout(wait, exchange)
         .await
         .map_err(|_| AttemptError::Timeout(wait))??;
     let mut header = session
@@ -324,24 +338,19 @@ async fn open(
             reason: "no response header".into(),
             stale: false,
         })?;
-    let (first, tokens) = match translated {
-        Some((body, tokens)) => {
-            header
-                .insert_header(header::CONTENT_TYPE, "application/json")
-                .map_err(|e| AttemptError::Broken {
-                    reason: e.to_string(),
-                    stale: false,
-                })?;
-            (Some(body), tokens)
-        }
-        None => (first, None),
-    };
+    if let Head::Whole(..) = head {
+        header
+            .insert_header(header::CONTENT_TYPE, "application/json")
+            .map_err(|e| AttemptError::Broken {
+                reason: e.to_string(),
+                stale: false,
+            })?;
+    }
     Ok(Opened {
         session,
         header,
-        first,
+        head,
         ttft: started.elapsed(),
-        tokens,
     })
 }
 
@@ -350,6 +359,49 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// An Anthropic stream, read and translated until its answer has begun
+/// (see `anthropic::Stream::begun`). Its first read is only
+/// `message_start`, which Anthropic sends before the model produced
+/// anything: until a token, a tool call or the message's end, the attempt
+/// has not answered, so the first-token timeout still runs, and an error
+/// event (Anthropic sends `overloaded_error` after its 200) fails over to
+/// the next endpoint as the same error before the 200 would have.
+async fn translate_until_begun(
+    session: &mut HttpSession,
+    first: Option<Bytes>,
+) -> Result<Head, AttemptError> {
+    let mut t = Box::new(anthropic::Stream::new(unix_now()));
+    let mut out = BytesMut::new();
+    let mut next = first;
+    loop {
+        if let Some(chunk) = next.take() {
+            out.extend_from_slice(&t.push(chunk));
+        }
+        if let Some(kind) = t.failure_kind() {
+            return Err(AttemptError::Status {
+                status: anthropic::status_of(kind),
+                retry_after: None,
+            });
+        }
+        if t.begun() || t.complete() {
+            return Ok(Head::Stream(out.freeze(), t));
+        }
+        next = session
+            .read_body_bytes()
+            .await
+            .map_err(|e| AttemptError::Broken {
+                reason: e.to_string(),
+                stale: false,
+            })?;
+        if next.is_none() {
+            return Err(AttemptError::Broken {
+                reason: "the provider ended the stream before its answer began".into(),
+                stale: false,
+            });
+        }
+    }
 }
 
 /// Whether an answer is an event stream.
@@ -387,11 +439,11 @@ async fn translate_whole(
         body.extend_from_slice(&chunk);
     }
     if (200..300).contains(&status) {
-        let (json, tokens) = switchyard_wire::anthropic::answer(&body, unix_now())
+        let (json, tokens) = anthropic::answer(&body, unix_now())
             .map_err(|e| broken(format!("the answer cannot be translated: {e}")))?;
         Ok((json, Some(tokens)))
     } else {
-        Ok((switchyard_wire::anthropic::error_body(status, &body), None))
+        Ok((anthropic::error_body(status, &body), None))
     }
 }
 

@@ -192,7 +192,6 @@ async fn run(
         deadline,
         inter_token: class.inter_token_timeout,
         strip_usage,
-        api: ep.api,
     };
     let (result, relayed, reusable) = relay::relay(session, opened, &stamp, how).await;
 
@@ -223,6 +222,9 @@ async fn attempts<'a>(
     let mut reconnected = false;
     let mut next = first;
     let mut last: Option<(&Arc<Endpoint>, AttemptError)> = None;
+    // The last failure of an endpoint (not of a request its API cannot
+    // carry): what the app is told when every attempt failed.
+    let mut blamed: Option<AttemptError> = None;
     let ended = loop {
         let facts = Now {
             at: StdInstant::now(),
@@ -252,6 +254,9 @@ async fn attempts<'a>(
                 Ok((opened, slot)) => winner = Some((ep, opened, slot)),
                 Err((e, took)) => {
                     account::attempt_failed(ep, &e, took, &sc.outlier);
+                    if e.kind().is_some() {
+                        blamed = Some(e.clone());
+                    }
                     last = Some((ep, e));
                 }
             }
@@ -293,7 +298,9 @@ async fn attempts<'a>(
                 e
             }
             Next::Fallback(e) => {
-                if !retry(e) {
+                // Nothing was sent for a request the failed endpoint's API
+                // cannot carry: moving on costs no retry.
+                if err.kind().is_some() && !retry(e) {
                     break StopReason::RetryBudget;
                 }
                 e
@@ -334,7 +341,7 @@ async fn attempts<'a>(
     };
     match last {
         Some((_, last)) => Err(RequestError::Upstream {
-            last,
+            last: blamed.unwrap_or(last),
             attempts: ctx.attempts,
             ended,
         }),

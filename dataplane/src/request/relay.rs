@@ -4,9 +4,10 @@
 //! already readable are joined into one write, the usage is read on the
 //! way, and the usage chunk the sidecar asked for is taken out again.
 //!
-//! A stream from an endpoint of another API (Anthropic's) is translated on
-//! the way, event by event as they arrive, so the app only ever sees
-//! OpenAI's shapes (a whole answer was translated by the attempt).
+//! A stream from an endpoint of another API (Anthropic's) goes on being
+//! translated on the way, event by event as they arrive, so the app only
+//! ever sees OpenAI's shapes (the attempt translated a whole answer, and a
+//! stream up to its first token).
 //!
 //! After the first byte a failure cannot move to another endpoint: a
 //! stream then ends with an SSE error event, any other body is cut before
@@ -22,12 +23,11 @@ use pingora::protocols::http::v1::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
 use pingora::{Error, ErrorType};
-use switchyard_policy::ApiKind;
 use switchyard_wire::anthropic;
 use switchyard_wire::usage::{Tokens, UsageScan};
 use tokio::time::Instant;
 
-use super::attempt::{connection_lists, is_event_stream, is_hop_header, Opened};
+use super::attempt::{connection_lists, is_event_stream, is_hop_header, Head, Opened};
 use super::errors::stream_interrupted;
 use super::Stop;
 use crate::usage::ErrorKind;
@@ -40,8 +40,6 @@ pub struct Relay {
     pub inter_token: Duration,
     /// The sidecar asked for the usage chunk; the app must not see it.
     pub strip_usage: bool,
-    /// The endpoint's API: anything but OpenAI's is translated.
-    pub api: ApiKind,
 }
 
 /// What the app is sent of each read of the answer: the read itself, or
@@ -56,6 +54,16 @@ struct Pass {
 }
 
 impl Pass {
+    /// The answer's first read: already translated by the attempt when
+    /// `translated`.
+    fn first(&mut self, chunk: Bytes, translated: bool) -> Bytes {
+        if translated {
+            self.scan.pass(chunk)
+        } else {
+            self.pass(chunk)
+        }
+    }
+
     fn pass(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.from {
             Some(t) => {
@@ -79,8 +87,15 @@ impl Pass {
         let Some(t) = &self.from else {
             return (rest, None);
         };
-        if t.failed().is_some() {
-            return (rest, Some(ErrorKind::Broken));
+        if let Some(kind) = t.failure_kind() {
+            // Counted as what the provider said: an overload or a rate
+            // limit mid-stream is not a broken connection.
+            let error = match anthropic::status_of(kind) {
+                429 => ErrorKind::Status429,
+                s if s >= 500 => ErrorKind::Status5xx,
+                _ => ErrorKind::Broken,
+            };
+            return (rest, Some(error));
         }
         if t.complete() {
             return (rest, None);
@@ -264,16 +279,21 @@ pub async fn relay(
     let Opened {
         session: mut up,
         header: up_header,
-        mut first,
+        head,
         ttft,
-        tokens,
     } = opened;
     let attempt_start = Instant::now() - ttft;
     let sse = is_event_stream(&up_header);
-    // A stream in another API is translated event by event.
-    let translated = sse && how.api == ApiKind::Anthropic;
+    // A stream in another API goes on being translated event by event; what
+    // the attempt read of it is translated already.
+    let (mut first, tokens, from) = match head {
+        Head::Plain(first) => (first, None, None),
+        Head::Whole(body, tokens) => (Some(body), tokens, None),
+        Head::Stream(read, t) => (Some(read), None, Some(*t)),
+    };
+    let translated = from.is_some();
     let mut pass = Pass {
-        from: translated.then(|| anthropic::Stream::new(super::attempt::unix_now())),
+        from,
         scan: if sse {
             UsageScan::sse(how.strip_usage)
         } else {
@@ -287,7 +307,10 @@ pub async fn relay(
     // An answer already whole goes out with its exact length, which is
     // shorter than the provider's when the usage chunk was taken out.
     let whole = done.then(|| {
-        let out = first.take().map(|c| pass.pass(c)).unwrap_or_default();
+        let out = first
+            .take()
+            .map(|c| pass.first(c, translated))
+            .unwrap_or_default();
         let (rest, failed) = pass.close();
         error = failed;
         if rest.is_empty() {
@@ -329,7 +352,7 @@ pub async fn relay(
         if let Some(w) = whole {
             write(session, Some(w), true, how.deadline).await?;
         } else if let Some(chunk) = first {
-            let out = pass.pass(chunk);
+            let out = pass.first(chunk, translated);
             let (out, after) = coalesce(&mut up, &mut pass, out);
             held = after;
             if !out.is_empty() {
@@ -455,7 +478,11 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let failed = format!("{START}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n");
         let out = p.pass(Bytes::from(failed));
         let (rest, error) = p.close();
-        assert_eq!(error, Some(ErrorKind::Broken));
+        assert_eq!(
+            error,
+            Some(ErrorKind::Status5xx),
+            "an overload, as a 529 is"
+        );
         assert!(String::from_utf8_lossy(&out).contains("Overloaded"));
         assert!(!String::from_utf8_lossy(&rest).contains("ended the stream early"));
     }

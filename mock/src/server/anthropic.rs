@@ -135,7 +135,7 @@ pub(super) async fn messages(
             futures::future::pending::<()>().await;
             unreachable!("pending never resolves");
         }
-        Fault::None | Fault::DropMidStream => {}
+        Fault::None | Fault::DropMidStream | Fault::OverloadedMidStream => {}
     }
 
     let n = s.counter.fetch_add(1, Ordering::Relaxed);
@@ -241,6 +241,21 @@ pub(super) async fn messages(
         ),
         event(eol, "message_stop", &json!({"type": "message_stop"})),
     ];
+    // Overloaded once the stream began: its start, then the error event,
+    // and the stream ends.
+    let (head, events, tail) = if fault == Fault::OverloadedMidStream {
+        let mut head = head;
+        head.truncate(1);
+        head.push(event(eol, "ping", &json!({"type": "ping"})));
+        head.push(event(
+            eol,
+            "error",
+            &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ));
+        (head, Vec::new(), Vec::new())
+    } else {
+        (head, events, tail)
+    };
     let script = Script {
         id,
         head,

@@ -213,6 +213,23 @@ fn limits_stops_and_sampling_are_carried_over() {
     assert_eq!(with("temperature", json!(1.7))["temperature"], 1.0);
     assert_eq!(with("temperature", json!(0))["temperature"], 0.0);
     assert_eq!(with("top_p", json!(0.9))["top_p"], 0.9);
+    // Not both: recent models refuse that; the temperature stays.
+    let mut both = base();
+    both["temperature"] = json!(1.0);
+    both["top_p"] = json!(1.0);
+    let both = translate(both);
+    assert_eq!(both["temperature"], 1.0);
+    assert!(both.get("top_p").is_none(), "{both}");
+    // A text response format is the default; a JSON one cannot be kept.
+    assert!(with("response_format", json!({"type": "text"}))
+        .get("response_format")
+        .is_none());
+    let mut json_format = base();
+    json_format["response_format"] = json!({"type": "json_object"});
+    assert_eq!(
+        refused(json_format).param.as_deref(),
+        Some("response_format")
+    );
     assert_eq!(with("stream", json!(true))["stream"], true);
     assert_eq!(
         with("user", json!("u-1"))["metadata"],
@@ -773,8 +790,76 @@ fn an_error_event_is_passed_on_in_openais_shape_and_ends_the_stream() {
         json!({"error": {"message": "Overloaded", "type": "overloaded_error", "param": null, "code": null}})
     );
     assert_eq!(s.failed(), Some("Overloaded"));
+    assert_eq!(s.failure_kind(), Some("overloaded_error"));
+    assert_eq!(status_of("overloaded_error"), 529);
+    assert_eq!(status_of("rate_limit_error"), 429);
+    assert_eq!(status_of("something_new"), 500);
+    assert!(!s.begun(), "nothing of the answer went out");
     assert!(!s.complete());
     assert_eq!(s.tokens().map(|t| t.input), Some(3));
+    // A second error (or an event too large) adds no second error event.
+    let more = s.push(Bytes::from_static(
+        b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"again\"}}\n\n",
+    ));
+    assert!(more.is_empty());
+    assert_eq!(s.failure_kind(), Some("overloaded_error"));
+}
+
+#[test]
+fn the_answer_begins_with_its_first_token_or_tool_call_not_its_start() {
+    let start = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":3,\"output_tokens\":0}}}\n\nevent: ping\ndata: {\"type\":\"ping\"}\n\n";
+    let mut s = Stream::new(0);
+    let _ = s.push(Bytes::from_static(start));
+    assert!(!s.begun());
+    let _ = s.push(Bytes::from_static(
+        b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    ));
+    assert!(!s.begun(), "an empty text block says nothing yet");
+    let _ = s.push(Bytes::from_static(
+        b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+    ));
+    assert!(s.begun());
+}
+
+/// The arguments a streamed tool call's deltas add up to.
+fn streamed_arguments(stream: &str) -> String {
+    let (out, _) = whole(stream.as_bytes());
+    events(&out)
+        .iter()
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .flat_map(|v| {
+            v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|t| t["function"]["arguments"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_streamed_tool_call_always_adds_up_to_json_arguments() {
+    let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\"}}\n\n";
+    let stop = "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n";
+    // A tool without parameters: one empty delta.
+    let none = format!(
+        "{start}event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"now\",\"input\":{{}}}}}}\n\n\
+         event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}}}\n\n{stop}"
+    );
+    assert_eq!(streamed_arguments(&none), "{}");
+    // Arguments given whole at the start, no deltas.
+    let given = format!(
+        "{start}event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"w\",\"input\":{{\"city\":\"Oslo\"}}}}}}\n\n{stop}"
+    );
+    let args: Value = serde_json::from_str(&streamed_arguments(&given)).unwrap();
+    assert_eq!(args, json!({"city": "Oslo"}));
+    // The usual case is untouched: the deltas, nothing added.
+    let deltas = format!(
+        "{start}event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"w\",\"input\":{{}}}}}}\n\n\
+         event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"input_json_delta\",\"partial_json\":\"{{\\\"a\\\": 1}}\"}}}}\n\n{stop}"
+    );
+    assert_eq!(streamed_arguments(&deltas), "{\"a\": 1}");
 }
 
 #[test]
