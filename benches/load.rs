@@ -11,6 +11,19 @@
 //!    through `/proc/<pid>/clear_refs`, and VmRSS sampled every 20 ms), and
 //!    the load generator's own CPU use. Then the ratios: sidecar CPU/request
 //!    ÷ nginx CPU/request, sidecar added p99 ÷ nginx added p99.
+//!
+//!    With `SWITCHYARD_BENCH_KINDS` (on by default), two more sidecar paths join the same
+//!    rounds, each a stack of its own (mock, control plane, sidecar) whose
+//!    mock answers the same 16 tokens: `sidecar-anthropic`, whose endpoint is
+//!    `api: anthropic` (the sidecar translates the OpenAI request into
+//!    Anthropic's Messages API and the answer, streamed or not, back), and
+//!    `sidecar-tls`, an `openai` endpoint over `https` with a certificate from
+//!    a CA the bench makes (`ca_file`). `sidecar`, `openai` over plain HTTP,
+//!    is their reference: ratios of CPU/request and of added p99 to its.
+//!    Their "direct" is the OpenAI mock over plain HTTP, as for every path:
+//!    the app cannot call Anthropic's API itself, and the point is what each
+//!    path adds on top of the bare provider. A warm-up first checks that
+//!    every path answers in OpenAI's shape, so no path is timed on errors.
 //! 2. **Burst**: the mock made slow (`inter_token_ms`), N streamed requests
 //!    sent at once through the sidecar (then nginx, for reference), read to
 //!    their end; RSS before, at peak and after, polled until it comes back
@@ -32,6 +45,7 @@
 //! | `SWITCHYARD_BENCH_RATES` [`500,2000`] | open-loop rates, requests/s |
 //! | `SWITCHYARD_BENCH_PHASE_MS` [2000] | one open-loop phase (one path, one rate, one mode) |
 //! | `SWITCHYARD_BENCH_ROUNDS` [4] | open-loop rounds; each runs every (mode, rate, path) once |
+//! | `SWITCHYARD_BENCH_KINDS` [1] | add the `sidecar-anthropic` and `sidecar-tls` paths to part 1 (0: skip) |
 //! | `SWITCHYARD_BENCH_BURST_N` [1000] | streams opened at once in part 2 |
 //! | `SWITCHYARD_BENCH_BURST_INTER_TOKEN_MS` [20] | the mock's pause between tokens in part 2 |
 //! | `SWITCHYARD_BENCH_BURST_TOKENS` [100] | tokens per streamed answer in part 2 (100 × 20 ms: 2 s open) |
@@ -42,12 +56,13 @@
 //! | `SWITCHYARD_BENCH_QUIET_WAIT_S` [60] | part 3 waits before each run until the machine is quiet (others' builds), at most this long in all |
 //! | `SWITCHYARD_BENCH_SIDECAR_ARGS` [] | extra sidecar flags, e.g. `--rtt-source tcp-info` |
 //!
-//! The defaults take about three minutes on a 2-core machine, one more at
-//! most waiting for a quiet machine in part 3. nginx and `wrk` come from
-//! `scripts/setup.sh`; without nginx its rows are left out, without `wrk`
-//! part 3 is. CPU time is the sum of `se.sum_exec_runtime`
-//! over the process's threads (`/proc/<pid>/task/*/sched`), or the process's
-//! utime + stime in clock ticks where that file is missing.
+//! The defaults take about four minutes on a 2-core machine (three with
+//! `SWITCHYARD_BENCH_KINDS=0`), one more at most waiting for a quiet machine
+//! in part 3. nginx and `wrk` come from `scripts/setup.sh`; without nginx
+//! its rows are left out, without `wrk` part 3 is. CPU time is the sum of
+//! `se.sum_exec_runtime` over the process's threads
+//! (`/proc/<pid>/task/*/sched`), or the process's utime + stime in clock
+//! ticks where that file is missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +75,12 @@ use hdrhistogram::Histogram;
 use switchyard::cluster::{self, PolicyEndpoint, Proc};
 use switchyard::loadgen;
 use tokio::time::Instant;
+
+// The TLS tests' throwaway CA, shared by path rather than copied: rcgen is
+// a dev-dependency, so the library cannot hold it.
+#[path = "../tests/common/pki.rs"]
+#[allow(dead_code)] // the client certificate is for the tests' mTLS alone
+mod pki;
 
 const PATH: &str = "/v1/chat/completions";
 const MIB: f64 = 1024.0;
@@ -82,6 +103,7 @@ fn args(a: &[&str]) -> Vec<String> {
 /// Everything the environment can change; see the table at the top.
 struct Knobs {
     open: bool,
+    kinds: bool,
     burst: bool,
     closed: bool,
     modes: Vec<Mode>,
@@ -121,6 +143,7 @@ impl Knobs {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Knobs {
             open: on("SWITCHYARD_BENCH_OPEN"),
+            kinds: on("SWITCHYARD_BENCH_KINDS"),
             burst: on("SWITCHYARD_BENCH_BURST"),
             closed: on("SWITCHYARD_BENCH_CLOSED"),
             modes,
@@ -502,6 +525,8 @@ struct Stack {
     sidecar_addr: SocketAddr,
 }
 
+/// A stack whose policy routes to the mock as an `openai` endpoint over
+/// plain HTTP.
 async fn start_stack(
     bin: &Path,
     dir: &Path,
@@ -509,18 +534,34 @@ async fn start_stack(
     sidecar_args: &[&str],
     http: &reqwest::Client,
 ) -> anyhow::Result<Stack> {
+    let policy = |mock_addr| {
+        let ep = PolicyEndpoint {
+            name: "bench",
+            addr: mock_addr,
+            tier: "onprem",
+            model: "m",
+            price_in: 0.0,
+            price_out: 0.0,
+        };
+        cluster::policy_yaml(&[ep], &[])
+    };
+    start_stack_with(bin, dir, mock_cmd, sidecar_args, http, policy).await
+}
+
+/// A stack whose policy `policy` writes for the mock's address.
+async fn start_stack_with(
+    bin: &Path,
+    dir: &Path,
+    mock_cmd: (&Path, Vec<String>),
+    sidecar_args: &[&str],
+    http: &reqwest::Client,
+    policy: impl FnOnce(SocketAddr) -> String,
+) -> anyhow::Result<Stack> {
     std::fs::create_dir_all(dir)?;
     let (mock, mock_addr) = Proc::spawn_announced(mock_cmd.0, &mock_cmd.1, dir, "mock").await?;
+    let yaml = policy(mock_addr);
     let policy = dir.join("policy.yaml");
-    let ep = PolicyEndpoint {
-        name: "bench",
-        addr: mock_addr,
-        tier: "onprem",
-        model: "m",
-        price_in: 0.0,
-        price_out: 0.0,
-    };
-    cluster::write_atomic(&policy, &cluster::policy_yaml(&[ep], &[]))?;
+    cluster::write_atomic(&policy, &yaml)?;
     let (control, control_addr) =
         cluster::start_control(bin, dir, &policy, "127.0.0.1:0", &[]).await?;
     let (sidecar, sidecar_addr) =
@@ -550,7 +591,179 @@ fn mock_args(extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// A policy with one endpoint, `bench`, and one class, for the paths
+/// [`cluster::policy_yaml`] cannot write: `lines` are the endpoint's own
+/// (url, api, models, TLS files), indented by four spaces.
+fn one_endpoint_policy(lines: &str) -> String {
+    format!(
+        "default_class: standard
+endpoints:
+  - name: bench
+    tier: onprem
+    price: {{ input_per_mtok: 0, output_per_mtok: 0 }}
+{lines}classes:
+  - name: standard
+    ttft_timeout_ms: 5000
+    deadline_ms: 30000
+"
+    )
+}
+
+/// The two stacks of `SWITCHYARD_BENCH_KINDS`, and the part 1 paths through
+/// them.
+struct Kinds {
+    anthropic: Stack,
+    tls: Stack,
+}
+
+impl Kinds {
+    async fn start(
+        bin: &Path,
+        dir: &Path,
+        sidecar_args: &[&str],
+        http: &reqwest::Client,
+    ) -> anyhow::Result<Kinds> {
+        // The app names `m`, as on every other path; the endpoint maps it to
+        // the id the Anthropic mock lists, as a real one would.
+        let anthropic = start_stack_with(
+            bin,
+            &dir.join("anthropic"),
+            (
+                bin,
+                mock_args(&["--api", "anthropic", "--model", "claude-bench"]),
+            ),
+            sidecar_args,
+            http,
+            |addr| {
+                one_endpoint_policy(&format!(
+                    "    url: http://{addr}\n    api: anthropic\n    models: {{ m: claude-bench }}\n"
+                ))
+            },
+        )
+        .await
+        .context("starting the anthropic stack")?;
+
+        let tls_dir = dir.join("tls");
+        std::fs::create_dir_all(&tls_dir)?;
+        // The control plane checks ca_file and the sidecar reads it, each
+        // in its own working directory: an absolute path means one file.
+        let tls_dir = tls_dir.canonicalize()?;
+        let p = pki::issue(&tls_dir, "bench");
+        let path = |p: &Path| {
+            p.to_str()
+                .map(str::to_string)
+                .context("PKI path is not UTF-8")
+        };
+        let (cert, key, ca) = (path(&p.server_cert)?, path(&p.server_key)?, path(&p.ca)?);
+        let tls = start_stack_with(
+            bin,
+            &tls_dir,
+            (bin, mock_args(&["--tls-cert", &cert, "--tls-key", &key])),
+            sidecar_args,
+            http,
+            |addr| {
+                // By IP, as the certificate names 127.0.0.1: verification on,
+                // hostname included, as against a real provider.
+                one_endpoint_policy(&format!(
+                    "    url: https://127.0.0.1:{}\n    models: [m]\n    ca_file: {ca}\n",
+                    addr.port()
+                ))
+            },
+        )
+        .await
+        .context("starting the TLS stack")?;
+        Ok(Kinds { anthropic, tls })
+    }
+
+    fn routes(&self) -> Vec<Route> {
+        [
+            ("sidecar-anthropic", &self.anthropic),
+            ("sidecar-tls", &self.tls),
+        ]
+        .into_iter()
+        .map(|(name, s)| Route {
+            name,
+            url: format!("http://{}{PATH}", s.sidecar_addr),
+            proxy: s.sidecar.pid(),
+        })
+        .collect()
+    }
+}
+
+/// One request per mode through `route`, read as the app would: a plain
+/// answer must be a `chat.completion` with `choices[0].message.content`, a
+/// stream `chat.completion.chunk` events ending in `[DONE]`. A path that
+/// answered errors, or another API's shape, would be timed on those.
+async fn check_openai_shape(
+    http: &reqwest::Client,
+    route: &Route,
+    modes: &[Mode],
+) -> anyhow::Result<String> {
+    let mut seen = Vec::new();
+    for mode in modes {
+        let r = http
+            .post(&route.url)
+            .header("content-type", "application/json")
+            .body(mode.body())
+            .send()
+            .await
+            .with_context(|| format!("{}: {} request", route.name, mode.name()))?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            bail!("{} {}: status {status}: {text}", route.name, mode.name());
+        }
+        match mode {
+            Mode::Plain => {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} plain: not JSON: {text}", route.name))?;
+                let content = v["choices"][0]["message"]["content"].as_str();
+                if v["object"] != "chat.completion" || content.is_none_or(str::is_empty) {
+                    bail!(
+                        "{} plain: not an OpenAI chat.completion: {text}",
+                        route.name
+                    );
+                }
+                seen.push(format!(
+                    "plain chat.completion, {} completion tokens",
+                    v["usage"]["completion_tokens"]
+                ));
+            }
+            Mode::Stream => {
+                let data: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim)
+                    .collect();
+                if data.last() != Some(&"[DONE]") {
+                    bail!("{} stream: does not end in [DONE]: {text}", route.name);
+                }
+                let mut tokens = 0;
+                for d in &data[..data.len() - 1] {
+                    let v: serde_json::Value = serde_json::from_str(d)
+                        .with_context(|| format!("{} stream: event not JSON: {d}", route.name))?;
+                    if v["object"] != "chat.completion.chunk" {
+                        bail!("{} stream: not a chat.completion.chunk: {d}", route.name);
+                    }
+                    if v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|c| !c.is_empty())
+                    {
+                        tokens += 1;
+                    }
+                }
+                seen.push(format!(
+                    "stream {} chat.completion.chunk events ({tokens} with content) + [DONE]",
+                    data.len() - 1
+                ));
+            }
+        }
+    }
+    Ok(format!("{}: {}", route.name, seen.join("; ")))
+}
+
 /// A path requests take: its URL and the process doing the proxying.
+#[derive(Clone)]
 struct Route {
     name: &'static str,
     url: String,
@@ -653,15 +866,51 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
         k.rounds,
         k.phase.as_millis()
     );
+    let kinds: Vec<&str> = routes
+        .iter()
+        .map(|r| r.name)
+        .filter(|n| n.starts_with("sidecar-"))
+        .collect();
+    if !kinds.is_empty() {
+        println!(
+            "{}: the sidecar to an Anthropic mock (translated) and to an OpenAI mock over TLS; \
+             their \"direct\" is the OpenAI mock over plain HTTP, as for every path (the app \
+             cannot call Anthropic's API itself), so +p50/+p99 is all the path adds",
+            kinds.join(", ")
+        );
+    }
+    // Before timing anything: every path answers what an OpenAI client
+    // reads, not errors and not another API's shape.
+    for r in routes {
+        println!(
+            "shape check: {}",
+            check_openai_shape(http, r, &k.modes).await?
+        );
+    }
     let bodies: Vec<Arc<Vec<u8>>> = k.modes.iter().map(|m| Arc::new(m.body())).collect();
     // Warm up every path's connection pool, in every mode.
     let top = k.rates.iter().copied().max().unwrap_or(500);
-    for body in &bodies {
+    for (mode, body) in k.modes.iter().zip(&bodies) {
         for r in routes {
             let mut warm = Cell::new();
             phase(http, r, &mut warm, body, top, Duration::from_millis(500)).await;
+            if warm.errors > 0 {
+                println!(
+                    "NOTE: warm-up {} {}: {} of {} requests failed",
+                    mode.name(),
+                    r.name,
+                    warm.errors,
+                    warm.requests
+                );
+            }
         }
     }
+    let w = routes
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     // cells[mode][rate][path]
     let mut cells: Vec<Vec<Vec<Cell>>> = k
         .modes
@@ -684,7 +933,7 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
     }
 
     println!(
-        "\n{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "\n{:<6} {:>6} {:<w$} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "mode",
         "rate/s",
         "path",
@@ -717,7 +966,7 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
                     ),
                 };
                 println!(
-                    "{:<6} {:>6} {:<8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6.0}%",
+                    "{:<6} {:>6} {:<w$} {:>8} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6.0}%",
                     mode.name(),
                     rate,
                     route.name,
@@ -776,13 +1025,55 @@ async fn open_loop(k: &Knobs, http: &reqwest::Client, routes: &[Route]) -> anyho
             }
         }
     }
+    // What an endpoint's API kind or TLS costs over the same sidecar
+    // speaking OpenAI over plain HTTP to the same kind of mock.
+    if let Some(s) = find("sidecar") {
+        for kind in &kinds {
+            let Some(x) = find(kind) else { continue };
+            println!("\n{kind} ÷ sidecar (openai, plain HTTP):");
+            for (m, mode) in k.modes.iter().enumerate() {
+                for (ri, rate) in k.rates.iter().enumerate() {
+                    let row = &cells[m][ri];
+                    let (d, sc, kc) = (&row[0], &row[s], &row[x]);
+                    let (ka, sa) = (kc.q(0.99) - d.q(0.99), sc.q(0.99) - d.q(0.99));
+                    let (km, sm) = (kc.median_added_p99(d), sc.median_added_p99(d));
+                    let ratio = |a: i64, b: i64| {
+                        if b > 0 {
+                            format!("{:.2}x", a as f64 / b as f64)
+                        } else {
+                            "n/a (sidecar adds ≤ 0)".to_string()
+                        }
+                    };
+                    println!(
+                        "  {:<6} {:>5}/s: CPU/request {:.1} ÷ {:.1} µs = {:.2}x; added p99 {:+} ÷ {:+} µs = {} \
+                         (median of rounds {:+} ÷ {:+} µs = {})",
+                        mode.name(),
+                        rate,
+                        kc.cpu_per_request_us(),
+                        sc.cpu_per_request_us(),
+                        kc.cpu_per_request_us() / sc.cpu_per_request_us().max(1e-9),
+                        ka,
+                        sa,
+                        ratio(ka, sa),
+                        km,
+                        sm,
+                        ratio(km, sm),
+                    );
+                }
+            }
+        }
+    }
     if let Some(top_i) = k.rates.iter().position(|r| *r == top) {
         for (m, mode) in k.modes.iter().enumerate() {
             let rss = |name: &str| {
                 find(name).map_or("-".to_string(), |p| mib(cells[m][top_i][p].peak_rss_kib))
             };
+            let others: String = kinds
+                .iter()
+                .map(|n| format!(", {n} {} MiB", rss(n)))
+                .collect();
             println!(
-                "peak RSS during the {top} req/s {} phases: sidecar {} MiB, nginx worker {} MiB",
+                "peak RSS during the {top} req/s {} phases: sidecar {} MiB{others}, nginx worker {} MiB",
                 mode.name(),
                 rss("sidecar"),
                 rss("nginx")
@@ -1316,10 +1607,22 @@ async fn main() -> anyhow::Result<()> {
             }),
             None => println!("nginx not installed: comparing sidecar and direct only"),
         }
+        // Part 1 only: part 2 reconfigures the first stack's mock alone.
+        let kinds = if k.open && k.kinds {
+            Some(Kinds::start(bin, &dir.join("kinds"), &extra, &http).await?)
+        } else {
+            None
+        };
+        let mut open_routes = routes.clone();
+        if let Some(kinds) = &kinds {
+            // Beside `sidecar`, their reference, in every round.
+            open_routes.splice(2..2, kinds.routes());
+        }
         let mut result = Ok(());
         if k.open {
-            result = open_loop(&k, &http, &routes).await;
+            result = open_loop(&k, &http, &open_routes).await;
         }
+        drop(kinds);
         if k.burst && result.is_ok() {
             result = bursts(&k, &http, stack.mock_addr, &routes).await;
         }

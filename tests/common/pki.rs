@@ -1,6 +1,7 @@
 //! A throwaway PKI for TLS tests: a CA, a server certificate (for
 //! 127.0.0.1 and localhost unless told otherwise), and a client
 //! certificate, all signed by it; written as PEM files in a run directory.
+//! `benches/load.rs` includes this file too (its `sidecar-tls` path).
 
 use std::path::{Path, PathBuf};
 
