@@ -258,8 +258,8 @@ async fn mutual_tls_works_with_the_client_pair_and_fails_without() {
     // read.
     assert_eq!(status, 502, "{message}");
     assert!(
-        message.contains("CertificateRequired"),
-        "the app's error says a certificate was wanted: {message}"
+        message.contains("CertificateRequired") && message.contains("endpoint \"gpu\""),
+        "the app's error says which endpoint wanted a certificate: {message}"
     );
     assert_eq!(stack.mock("gpu").requests(&admin_client(&p)).await, 0);
 }

@@ -264,12 +264,15 @@ async fn open(
             .get(&ep.state.idle, &ep.peer)
             .await
             .map_err(|e| connect_failed(ep, &e))?;
+        // Named, so the app's error says which endpoint failed (a TLS 1.3
+        // server refuses a missing client certificate only here, after
+        // the handshake).
         let broken = |e: Box<pingora::Error>| {
             if is_connect(&e) {
-                AttemptError::Connect(e.to_string())
+                AttemptError::Connect(format!("endpoint {:?}: {e}", &*ep.name))
             } else {
                 AttemptError::Broken {
-                    reason: e.to_string(),
+                    reason: format!("endpoint {:?}: {e}", &*ep.name),
                     stale: reused,
                 }
             }
