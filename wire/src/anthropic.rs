@@ -1329,22 +1329,7 @@ impl Stream {
                     };
                     let k = *k;
                     *sent |= !partial_json.is_empty();
-                    self.chunk(
-                        DeltaOut {
-                            tool_calls: Some([ToolDelta {
-                                index: k,
-                                id: None,
-                                kind: None,
-                                function: FunctionDelta {
-                                    name: None,
-                                    arguments: &partial_json,
-                                },
-                            }]),
-                            ..DeltaOut::default()
-                        },
-                        None,
-                        out,
-                    );
+                    self.arguments(k, &partial_json, out);
                 }
                 DeltaIn::Other => {}
             },
@@ -1359,22 +1344,7 @@ impl Stream {
                 }
                 *sent = true;
                 let k = *k;
-                self.chunk(
-                    DeltaOut {
-                        tool_calls: Some([ToolDelta {
-                            index: k,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: "{}",
-                            },
-                        }]),
-                        ..DeltaOut::default()
-                    },
-                    None,
-                    out,
-                );
+                self.arguments(k, "{}", out);
             }
             EventIn::MessageDelta { delta, usage } => {
                 self.begun = true;
@@ -1402,6 +1372,26 @@ impl Stream {
             EventIn::Error { error } => self.fail(&error.kind, &error.message, out),
             EventIn::Other => {}
         }
+    }
+
+    /// A chunk carrying a piece of tool call `k`'s arguments.
+    fn arguments(&self, k: usize, arguments: &str, out: &mut BytesMut) {
+        self.chunk(
+            DeltaOut {
+                tool_calls: Some([ToolDelta {
+                    index: k,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments,
+                    },
+                }]),
+                ..DeltaOut::default()
+            },
+            None,
+            out,
+        );
     }
 
     fn fail(&mut self, kind: &str, message: &str, out: &mut BytesMut) {
